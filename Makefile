@@ -1,0 +1,31 @@
+# One virtualenv for everything. On a CPU-only Linux box torch==2.13.0 is the CPU wheel (served from
+# local disk here); on a GPU box an already installed CUDA torch is kept (see README).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean
+
+$(BIN)/peftprof: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if $(BIN)/python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then \
+	  echo "keeping the installed CUDA torch"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install -q torch; \
+	else \
+	  $(BIN)/python -m pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/peftprof
+
+demo: setup
+	$(BIN)/peftprof run scenarios/quickstart.toml
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) reports/*.html reports/*.jsonl .peftprof-cache

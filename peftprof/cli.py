@@ -1,0 +1,229 @@
+"""Command line: parses arguments, calls a pipeline stage, turns errors into exit codes.
+
+Exit codes: 0 ok, 1 a negative answer (does not fit, regression), 2 bad input. No traceback on user error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import UserError
+
+
+def _fail(lines: list[str], code: int = 2) -> None:
+    for line in lines:
+        click.echo(f"error: {line}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn):
+    """Bad input -> one line per problem on stderr, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            _fail(e.lines())
+
+    return wrapper
+
+
+def _gpu(name: str | None):
+    if name is None:
+        return None
+    from .catalog import gpu
+
+    try:
+        return gpu(name)
+    except ValueError as e:
+        raise UserError(f"--gpu: {e}") from None
+
+
+def _load(paths):
+    from .scenario import load_scenarios
+
+    return load_scenarios(paths)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="peftprof")
+def cli():
+    """Memory and speed profiler for parameter-efficient fine-tuning.
+
+    \b
+    Example:
+      peftprof validate scenarios/*.toml
+      peftprof estimate scenarios/qlora-7b.toml --gpu RTX-4090
+      peftprof run scenarios/quickstart.toml
+    """
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@user_errors
+def validate(files):
+    """Check scenario files; print every problem. Exit 0 when all are valid, 2 otherwise.
+
+    \b
+    Example:
+      peftprof validate scenarios/*.toml
+    """
+    variants = _load(files)
+    by_file: dict[str, int] = {}
+    for v in variants:
+        by_file[v.source] = by_file.get(v.source, 0) + 1
+    for f, n in by_file.items():
+        click.echo(f"{f}: ok ({n} variant{'s' if n != 1 else ''})")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def presets(fmt):
+    """List the model presets and GPUs in the catalogue.
+
+    \b
+    Example:
+      peftprof presets --format json
+    """
+    from .arch import build_arch, resolve_keys
+    from .catalog import gpus, model_presets
+    from .textfmt import GIB
+
+    models = []
+    for name, cfg in model_presets().items():
+        fields = {k: v for k, v in cfg.items() if k != "model_type"}
+        a = build_arch(resolve_keys(cfg["model_type"], fields))
+        models.append({"name": name, "model_type": a.model_type, "n_params": a.n_params, "hidden_size": a.hidden_size,
+                       "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+                       "vocab_size": a.vocab_size, "max_positions": a.max_positions})
+    gpu_rows = [{"name": g.name, "memory_gib": g.memory_bytes / GIB, "bf16_tflops": g.bf16_tflops,
+                 "bandwidth_gbps": g.bandwidth_bytes_per_s / 1e9} for g in gpus().values()]
+    if fmt == "json":
+        click.echo(json.dumps({"models": models, "gpus": gpu_rows}, indent=2))
+        return
+    from .textfmt import table
+
+    click.echo(table(["model", "type", "params", "hidden", "layers", "heads", "kv heads", "vocab", "max pos"],
+                     [[m["name"], m["model_type"], f"{m['n_params']:,}", m["hidden_size"], m["n_layers"],
+                       m["n_heads"], m["n_kv_heads"], m["vocab_size"], m["max_positions"]] for m in models]))
+    click.echo()
+    click.echo(table(["gpu", "memory GiB", "bf16 TFLOP/s", "bandwidth GB/s"],
+                     [[g["name"], f"{g['memory_gib']:g}", f"{g['bf16_tflops']:g}", f"{g['bandwidth_gbps']:g}"]
+                      for g in gpu_rows]))
+
+
+def _estimates(paths, method, device, gpu_name, mfu):
+    from .estimate import estimate
+
+    gpu = _gpu(gpu_name)
+    variants = _load(paths)
+    if method == "trace":
+        from .trace import trace_estimate
+
+        return [(v, trace_estimate(v, device=device, gpu=gpu, mfu=mfu)) for v in variants]
+    return [(v, estimate(v, device=device, gpu=gpu, mfu=mfu)) for v in variants]
+
+
+def estimate_rows(results) -> tuple[list[str], list[list]]:
+    from .estimate import CATEGORIES
+    from .textfmt import gib
+
+    with_gpu = any("gpu" in e for _, e in results)
+    headers = ["variant", "peak GiB"] + list(CATEGORIES)
+    if with_gpu:
+        headers += ["gpu", "fits", "headroom GiB", "tokens/s"]
+    rows = []
+    for v, e in results:
+        row = [v.name, gib(e["peak_bytes"])] + [gib(e["breakdown"][c]) for c in CATEGORIES]
+        if with_gpu:
+            row += [e["gpu"], "yes" if e["fits"] else "NO", gib(e["headroom_bytes"]),
+                    f"{e['predicted_tokens_per_s']:,.0f}"]
+        rows.append(row)
+    return headers, rows
+
+
+@cli.command()
+@click.argument("scenarios", nargs=-1, required=True)
+@click.option("--gpu", "gpu_name", help="Catalogue GPU (see `peftprof presets`): adds fits, headroom, tokens/s.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="Predict for this device (default: the scenario's run.device; auto means cuda).")
+@click.option("--method", type=click.Choice(["analytic", "trace"]), default="analytic", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--mfu", type=click.FloatRange(0.01, 1.0), default=None,
+              help="Model-FLOPs utilisation for the speed prediction (default 0.35).")
+@user_errors
+def estimate(scenarios, gpu_name, device, method, fmt, mfu):
+    """Predict peak training memory by category, FLOPs and speed, without a GPU.
+
+    \b
+    Example:
+      peftprof estimate scenarios/qlora-7b.toml --gpu RTX-4090 --format json
+    """
+    from .estimate.flops import DEFAULT_MFU
+    from .textfmt import csv_text, table
+
+    results = _estimates(scenarios, method, device, gpu_name, mfu or DEFAULT_MFU)
+    if fmt == "json":
+        click.echo(json.dumps([{"variant": v.name, "scenario": v.to_dict(), "estimate": e} for v, e in results],
+                              indent=2))
+        return
+    headers, rows = estimate_rows(results)
+    click.echo(table(headers, rows) if fmt == "table" else csv_text(headers, rows), nl=fmt == "table")
+
+
+@cli.command()
+@click.argument("scenario")
+@click.option("--gpu", "gpu_name", required=True, help="Catalogue GPU (see `peftprof presets`).")
+@click.option("--axis", type=click.Choice(["batch_size", "seq_len"]), default="batch_size", show_default=True)
+@click.option("--headroom", default="5%", show_default=True, help="Memory kept free: '5%' or 0.05.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None)
+@click.option("--method", type=click.Choice(["analytic", "trace"]), default="analytic", show_default=True)
+@user_errors
+def fit(scenario, gpu_name, axis, headroom, device, method):
+    """Find the largest batch size (or sequence length) that fits a GPU. Exit 1 if not even 1 fits.
+
+    \b
+    Example:
+      peftprof fit scenarios/qlora-7b.toml --gpu RTX-4090 --axis seq_len --headroom 10%
+    """
+    from .estimate import CATEGORIES, estimate as analytic
+    from .fit import largest_fitting
+    from .textfmt import gib, parse_fraction, table
+
+    gpu = _gpu(gpu_name)
+    try:
+        frac = parse_fraction(headroom)
+    except ValueError as e:
+        raise UserError(f"--headroom: {e}") from None
+    variants = _load([scenario])
+    if method == "trace":
+        from .trace import trace_estimate as fn
+    else:
+        fn = analytic
+    found_all = True
+    for v in variants:
+        value, est = largest_fitting(v, gpu, axis=axis, headroom=frac,
+                                     estimate_fn=lambda s: fn(s, device=device or "cuda", gpu=gpu))
+        if value is None:
+            found_all = False
+            click.echo(f"{v.name}: does not fit {gpu.name} even at {axis} = 1 "
+                       f"(needs {gib(est.get('device_bytes', est['peak_bytes']))} GiB, "
+                       f"budget {gib(gpu.memory_bytes * (1 - frac))} GiB)")
+        else:
+            click.echo(f"{v.name}: {axis} = {value} fits {gpu.name} with {headroom} headroom "
+                       f"(peak {gib(est['peak_bytes'])} GiB)")
+        click.echo(table(["category", "GiB"], [[c, gib(est["breakdown"][c])] for c in CATEGORIES]))
+    sys.exit(0 if found_all else 1)
+
+
+def main() -> None:
+    cli(prog_name="peftprof")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

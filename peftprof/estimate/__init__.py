@@ -1,0 +1,96 @@
+"""Analytic estimator: peak memory of a steady-state training step as a breakdown, FLOPs and speed.
+
+`estimate(scenario)` returns the JSON structure every later stage consumes (see README, "Estimate JSON").
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..catalog import Gpu
+from ..settings import Scenario
+from . import activations as act_mod
+from . import memory as mem
+from .flops import DEFAULT_MFU, flops_per_step
+
+CATEGORIES = ("weights", "quant_constants", "trainable", "gradients", "optimizer", "activations", "logits",
+              "temporaries", "overhead")
+MIB = 1 << 20
+# CUDA terms: assumptions until measured on a GPU (benchmarks/gpu_check.sh). cuBLAS keeps a workspace in
+# torch's caching allocator (torch/csrc/cuda/CUDABlasHandlePool.cpp, default :4096:8 = 32 MiB on Hopper).
+CUDA_CUBLAS_WORKSPACE_BYTES = 32 * MIB
+CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + kernels, outside the allocator (nvidia-smi only)
+CUDA_RESERVED_FACTOR = 1.05  # caching-allocator fragmentation over max_memory_allocated
+CUDA_SEGMENT_BYTES = 2 * MIB  # small-pool segments are 2 MiB (c10/cuda/CUDACachingAllocator.cpp)
+
+
+def _round_up(n: float, to: int) -> int:
+    return int(math.ceil(n / to) * to)
+
+
+def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], int, str]:
+    """(breakdown, paged_bytes, peak_phase). The peak is the larger of two moments of a steady-state
+    step: the start of backward (all activations and the loss's logits copies live) and the optimizer
+    step (all gradients live, activations freed)."""
+    optimizer, paged = mem.optimizer_state_bytes(s, device=device)
+    persistent = {
+        "weights": mem.weight_bytes(s),
+        "quant_constants": mem.quant_constant_bytes(s),
+        "trainable": mem.trainable_param_bytes(s),
+        "optimizer": optimizer,
+        "overhead": CUDA_CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0,
+    }
+    grads = mem.gradient_bytes(s)
+    full = s.peft.method == "full"
+    accum = s.training.grad_accum_steps > 1
+    # full fine-tuning: at the start of backward only lm_head's gradient exists (its backward runs first)
+    lm_head_grad = s.model.arch.vocab_size * s.model.arch.embed_dim * mem.trainable_bytes_per_element(s)
+    backward = {
+        "gradients": grads if (not full or accum) else lm_head_grad,
+        "activations": act_mod.activation_bytes(s),
+        "logits": act_mod.logits_bytes(s),
+        "temporaries": act_mod.temporary_bytes(s),
+    }
+    # optimizer step: single-tensor AdamW (torch's CPU default; foreach on CUDA) makes one parameter-sized
+    # temporary for the denominator (optim/adamw.py _single_tensor_adamw)
+    biggest = max(mem.trainable_tensors(s), default=0) * mem.trainable_bytes_per_element(s)
+    step = {"gradients": grads, "activations": 0, "logits": 0,
+            "temporaries": biggest if s.training.optimizer != "sgd" else 0}
+    phase, varying = ("backward", backward) if sum(backward.values()) >= sum(step.values()) else ("optimizer", step)
+    breakdown = {c: int({**persistent, **varying}[c]) for c in CATEGORIES}
+    return breakdown, paged, phase
+
+
+def estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = None, mfu: float = DEFAULT_MFU) -> dict:
+    """The analytic estimate of one variant, as the JSON-ready dict described in the README."""
+    device = device or ("cuda" if s.run.device == "auto" else s.run.device)
+    breakdown, paged, phase = memory_breakdown(s, device=device)
+    peak = sum(breakdown.values())
+    tensors = mem.trainable_tensors(s)
+    out = {
+        "method": "analytic",
+        "device": device,
+        "peak_bytes": peak,
+        "peak_phase": phase,
+        "breakdown": breakdown,
+        "paged_optimizer_bytes": paged,
+        "n_params": s.model.arch.n_params,
+        "n_trainable_params": sum(tensors),
+        "flops_per_step": flops_per_step(s),
+        "tokens_per_step": s.training.batch_size * s.training.seq_len * s.training.grad_accum_steps,
+    }
+    if device == "cuda":
+        out["reserved_bytes"] = _round_up(peak * CUDA_RESERVED_FACTOR, CUDA_SEGMENT_BYTES)
+        out["device_bytes"] = out["reserved_bytes"] + CUDA_CONTEXT_BYTES
+    if gpu is not None:
+        need = out.get("device_bytes", peak)
+        step_time_s = out["flops_per_step"] / (gpu.bf16_tflops * 1e12 * mfu)
+        out.update({
+            "gpu": gpu.name,
+            "fits": need <= gpu.memory_bytes,
+            "headroom_bytes": gpu.memory_bytes - need,
+            "mfu": mfu,
+            "predicted_step_time_s": step_time_s,
+            "predicted_tokens_per_s": out["tokens_per_step"] / step_time_s,
+        })
+    return out

@@ -1,0 +1,173 @@
+"""Activation, logits and temporary memory: the tensors autograd saves for backward, per decoder layer.
+
+Each layer is modelled as the set of distinct tensors its ops save (autograd derivatives.yaml), keyed by
+name so a tensor saved by two ops counts once. Bytes throughout.
+"""
+
+from __future__ import annotations
+
+from ..arch import LinearSpec
+from ..settings import Scenario, matches_target
+from .memory import FP32, activation_bytes_per_element, compute_bytes_per_element, quantized_linears
+
+
+def tokens_per_micro_batch(s: Scenario) -> int:
+    """b * s; prompt tuning prepends num_virtual_tokens to every sequence (peft PeftModelForCausalLM)."""
+    extra = s.peft.num_virtual_tokens if s.peft.method == "prompt_tuning" else 0
+    return s.training.batch_size * (s.training.seq_len + extra)
+
+
+def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: int, act: int) -> dict[str, int]:
+    """Tensors saved around one linear layer (frozen or trainable base, LoRA or IA3 adapter)."""
+    saved: dict[str, int] = {}
+    m, p = s.peft, s.precision
+    if m.method == "full" or p.weights == "int8":
+        # F.linear saves its input for the weight gradient; bitsandbytes MatMul8bitFp keeps ctx.A
+        saved[in_key] = act * T * spec.in_features
+    targeted = m.method in ("lora", "ia3") and any(matches_target(spec.path, t) for t in m.targets(s.model.arch))
+    if not targeted:
+        return saved
+    tag = spec.path
+    if m.method == "lora":
+        # peft/tuners/lora/layer.py: x cast to the fp32 adapter dtype, dropout, lora_A, lora_B
+        if m.dropout > 0:
+            saved[f"{tag}.dropout_out"] = FP32 * T * spec.in_features
+            saved[f"{tag}.dropout_mask"] = 1 * T * spec.in_features
+        elif act == FP32:
+            saved[in_key] = act * T * spec.in_features  # the cast is a no-op: lora_A saves x itself
+        else:
+            saved[f"{tag}.x_fp32"] = FP32 * T * spec.in_features
+        saved[f"{tag}.lora_A_out"] = FP32 * T * m.r
+    else:
+        # peft/tuners/ia3/layer.py: feed-forward modules scale the input (saves x), others the output
+        if any(matches_target(spec.path, t) for t in m.feedforward_targets(s.model.arch)):
+            saved[in_key] = act * T * spec.in_features
+        else:
+            saved[f"{tag}.base_out"] = act * T * spec.out_features
+    return saved
+
+
+def activation_bytes_per_layer(s: Scenario) -> int:
+    """Bytes saved for backward by one decoder layer without checkpointing.
+
+    llama family (transformers modeling_llama.py): RMSNorm computes in fp32 and saves its fp32 input and
+    rsqrt; SDPA saves q, k, v, output and fp32 logsumexp (GQA without repeat when there is no mask,
+    integrations/sdpa_attention.py); eager saves q, k, fp32 softmax output, its cast and v; SiLU/GELU saves
+    its input, the gate*up product saves both factors. gpt2/opt: LayerNorm saves its input plus fp32
+    mean/rstd; dropout saves a 1-byte mask (resid/attn/mlp dropouts of those configs).
+    """
+    a = s.model.arch
+    act = activation_bytes_per_element(s)
+    b, seq = s.training.batch_size, s.training.seq_len
+    T = tokens_per_micro_batch(s)
+    s_q = T // b
+    s_kv = s_q + (s.peft.num_virtual_tokens if s.peft.method == "prefix_tuning" else 0)
+    T_kv = b * s_kv
+    q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    saved: dict[str, int] = {}
+    full = s.peft.method == "full"
+    lin = {spec.path.rsplit(".", 1)[-1] if a.model_type != "gpt2" else spec.path: spec for spec in a.layer_linears}
+
+    def norm(tag: str) -> None:
+        if a.norm == "rms":
+            saved[f"{tag}.in_fp32"] = FP32 * T * a.hidden_size
+            saved[f"{tag}.rsqrt"] = FP32 * T
+            if full:  # weight * normalized saves the normalized tensor for the weight's gradient
+                saved[f"{tag}.normed"] = act * T * a.hidden_size
+        else:
+            saved[f"{tag}.in"] = act * T * a.hidden_size
+            saved[f"{tag}.mean_rstd"] = 2 * FP32 * T
+
+    def linear(name: str, in_key: str, out_key: str) -> None:
+        saved.update(_linear_saves(s, lin[name], in_key, out_key, T, act))
+
+    def attention(k_repeat: bool) -> None:
+        k_size = q_dim if k_repeat else kv_dim
+        saved["q"] = act * T * q_dim
+        saved["k"] = act * T_kv * k_size
+        saved["v"] = act * T_kv * k_size
+        if s.training.attention == "sdpa":
+            saved["attn_out"] = act * T * q_dim
+            saved["attn_lse"] = FP32 * b * a.n_heads * s_q
+        else:
+            probs = b * a.n_heads * s_q * s_kv
+            saved["softmax_fp32"] = FP32 * probs
+            if act != FP32:
+                saved["probs"] = act * probs
+
+    if a.model_type == "gpt2":
+        norm("ln_1")
+        linear("attn.c_attn", "x1", "qkv")
+        attention(False)
+        linear("attn.c_proj", "o_in", "o_out")
+        saved["resid_drop1"] = T * a.hidden_size
+        norm("ln_2")
+        linear("mlp.c_fc", "x2", "fc")
+        # NewGELUActivation (transformers activations.py) is 0.5*x*(1+tanh(c*(x+0.044715*x^3))): its python
+        # ops save x, x^2 (for pow), the inner sum, tanh output and the (1+tanh) factor
+        saved["gelu"] = 5 * act * T * a.intermediate_size
+        linear("mlp.c_proj", "mlp_mid", "mlp_out")
+        saved["resid_drop2"] = T * a.hidden_size
+    elif a.model_type == "opt":
+        norm("self_attn_layer_norm")
+        for n in ("q_proj", "k_proj", "v_proj"):
+            linear(n, "x1", n)
+        attention(False)
+        linear("out_proj", "o_in", "o_out")
+        saved["resid_drop1"] = T * a.hidden_size
+        norm("final_layer_norm")
+        linear("fc1", "x2", "fc1")
+        saved["relu_out"] = act * T * a.intermediate_size  # relu saves its output
+        linear("fc2", "relu_out", "fc2")
+        saved["resid_drop2"] = T * a.hidden_size
+    else:
+        norm("input_layernorm")
+        for n in ("q_proj", "k_proj", "v_proj"):
+            linear(n, "x1", n)
+        attention(s.peft.method == "prefix_tuning" and a.n_kv_heads != a.n_heads)
+        linear("o_proj", "o_in", "o_out")
+        norm("post_attention_layernorm")
+        linear("gate_proj", "x2", "gate")
+        linear("up_proj", "x2", "up")
+        i = a.intermediate_size
+        saved["gate"] = act * T * i  # activation saves its input
+        saved["act_out"] = act * T * i  # act(gate) * up saves both factors
+        saved["up"] = act * T * i
+        linear("down_proj", "mlp_mid", "down")
+    return sum(saved.values())
+
+
+def checkpoint_bytes_per_layer(s: Scenario) -> int:
+    """A checkpointed layer keeps only its input hidden states (torch.utils.checkpoint)."""
+    return activation_bytes_per_element(s) * tokens_per_micro_batch(s) * s.model.arch.hidden_size
+
+
+def activation_bytes(s: Scenario) -> int:
+    """All decoder layers: every k-th layer checkpointed (k = checkpoint_every), the rest store everything.
+    During backward a checkpointed layer is recomputed, adding one layer's activations (counted here)."""
+    n = s.model.arch.n_layers
+    k = s.training.checkpoint_every
+    per_layer = activation_bytes_per_layer(s)
+    if k == 0:
+        return n * per_layer
+    n_ckpt = len(range(0, n, k))
+    return n_ckpt * checkpoint_bytes_per_layer(s) + (n - n_ckpt) * per_layer + per_layer
+
+
+def logits_bytes(s: Scenario) -> int:
+    """Logits and the loss's copies at their peak, the start of backward (transformers loss_utils.py
+    ForCausalLMLoss upcasts to fp32; cross_entropy = log_softmax + nll_loss): the model's logits in the
+    lm_head output dtype (kept by the output object), the fp32 log_softmax output, nll_loss's fp32 input
+    gradient and log_softmax's fp32 input gradient. An fp32 model needs no separate upcast."""
+    a = s.model.arch
+    n = tokens_per_micro_batch(s) * a.vocab_size
+    return n * (activation_bytes_per_element(s) + 3 * FP32)
+
+
+def temporary_bytes(s: Scenario) -> int:
+    """Largest transient inside a layer: a dequantized 4-bit/8-bit weight in compute dtype
+    (bitsandbytes dequantize_4bit / MatMul8bitFp) while the matmul's output exists."""
+    if not s.precision.is_quantized:
+        return 0
+    biggest = max(spec.n_weight_params for spec in quantized_linears(s.model.arch))
+    return compute_bytes_per_element(s) * biggest

@@ -1,0 +1,49 @@
+"""Training FLOPs per step and predicted speed."""
+
+from __future__ import annotations
+
+from ..settings import Scenario
+from .activations import tokens_per_micro_batch
+from .memory import trainable_tensors
+
+DEFAULT_MFU = 0.35  # model-FLOPs utilisation assumed for PEFT steps; override with --mfu (see README)
+
+
+def matmul_flops_per_token(s: Scenario) -> tuple[int, int]:
+    """(frozen, trainable) forward matmul FLOPs per token: 2 per weight (Kaplan et al. 2020, C_fwd = 2N),
+    lm_head included; LoRA adds 2*r*(in+out) per targeted module."""
+    a = s.model.arch
+    layer = sum(spec.n_weight_params for spec in a.layer_linears) * a.n_layers
+    base = 2 * (layer + sum(spec.n_weight_params for spec in a.model_linears) + a.vocab_size * a.embed_dim)
+    if s.peft.method == "full":
+        return 0, base
+    adapter = 2 * sum(trainable_tensors(s)) if s.peft.method == "lora" else 0
+    return base, adapter
+
+
+def attention_flops_per_token(s: Scenario) -> int:
+    """QK^T and PV: 2 * 2 * s_kv * n_heads * head_dim per layer per token (Narayanan et al. 2021, eq. 2),
+    counted for the full square as the kernels compute it without causal skipping on CPU."""
+    a = s.model.arch
+    s_kv = tokens_per_micro_batch(s) // s.training.batch_size
+    if s.peft.method == "prefix_tuning":
+        s_kv += s.peft.num_virtual_tokens
+    return 4 * s_kv * a.n_heads * a.head_dim * a.n_layers
+
+
+def flops_per_step(s: Scenario) -> int:
+    """Forward + backward over grad_accum_steps micro-batches. Backward computes input gradients for every
+    matmul (= forward) and weight gradients only for trainable weights (frozen weights skip them);
+    checkpointed layers run their forward twice (Narayanan et al. 2021: 3x forward, 4x with recompute)."""
+    frozen, trainable = matmul_flops_per_token(s)
+    attn = attention_flops_per_token(s)
+    fwd = frozen + trainable + attn
+    bwd = (frozen + trainable) + trainable + 2 * attn  # input grads + trainable weight grads; attention 2x
+    a = s.model.arch
+    k = s.training.checkpoint_every
+    recompute = 0
+    if k:
+        n_ckpt = len(range(0, a.n_layers, k))
+        recompute = (fwd - 2 * a.vocab_size * a.embed_dim) * n_ckpt / a.n_layers
+    per_token = fwd + bwd + recompute
+    return int(per_token * tokens_per_micro_batch(s) * s.training.grad_accum_steps)

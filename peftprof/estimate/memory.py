@@ -1,0 +1,178 @@
+"""Analytic memory model: pure functions of a resolved `Scenario`, bytes unless the name says otherwise.
+
+Sources are cited per formula. "autograd" means the tensors PyTorch's autograd saves for backward
+(derivatives.yaml); "transformers"/"peft"/"bitsandbytes" name the library file whose forward we model.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..arch import Arch, LinearSpec
+from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
+
+BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes/optim/optimizer.py: Optimizer8bit min_8bit_size default
+BNB_8BIT_BLOCK = 256  # bitsandbytes/functional.py: blockwise optimizer states, 256 values per absmax
+BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes/optim/optimizer.py get_state_buffer: smaller states are not paged
+FP32 = 4
+
+
+def compute_bytes_per_element(s: Scenario) -> int:
+    return BYTES_PER_ELEMENT[s.precision.compute_dtype]
+
+
+def activation_bytes_per_element(s: Scenario) -> int:
+    """dtype of the hidden stream. peft's prepare_model_for_kbit_training upcasts every non-quantized
+    parameter (embeddings, norms, lm_head) to fp32 (peft/utils/other.py), so a k-bit model's hidden
+    states are fp32; bitsandbytes casts to compute_dtype inside each layer and back (nn/modules.py)."""
+    if s.precision.is_quantized:
+        return FP32
+    return BYTES_PER_ELEMENT[s.precision.weights]
+
+
+def non_quantized_bytes_per_element(s: Scenario) -> int:
+    """Embeddings, norms, lm_head: fp32 on k-bit models (prepare_model_for_kbit_training), else the weights dtype."""
+    return FP32 if s.precision.is_quantized else BYTES_PER_ELEMENT[s.precision.weights]
+
+
+def quantized_linears(a: Arch) -> tuple[LinearSpec, ...]:
+    """transformers' bitsandbytes integration replaces every nn.Linear/Conv1D except the output embedding
+    (integrations/bitsandbytes.py replace_with_bnb_linear; get_keys_to_not_convert keeps lm_head)."""
+    return a.layer_linears * a.n_layers + a.model_linears
+
+
+def weight_bytes(s: Scenario) -> int:
+    """Base weights in storage dtype: 4-bit packed 2 values/byte, int8 1 byte, biases and all
+    non-linear parameters in `non_quantized_bytes_per_element` (QLoRA paper, Dettmers et al. 2023)."""
+    a = s.model.arch
+    p = s.precision
+    if not p.is_quantized:
+        return a.n_params * BYTES_PER_ELEMENT[p.weights]
+    linear_weights = sum(spec.n_weight_params for spec in quantized_linears(a))
+    packed = sum(math.ceil(spec.n_weight_params / 2) for spec in quantized_linears(a)) if p.is_4bit else linear_weights
+    return packed + (a.n_params - linear_weights) * FP32
+
+
+def quant_constant_bytes(s: Scenario) -> int:
+    """bitsandbytes' constants (functional.py quantize_4bit / QuantState). 4-bit: fp32 absmax per block
+    (0.5 bit/param at block 64) and the 16-entry fp32 NF4/FP4 code, per layer. Double quant: absmax as
+    uint8, fp32 absmax per 256 of them, a fp32 offset, the 16-entry code per layer, and one 256-entry fp32
+    blockwise code shared by all layers (cached name2qmap["dynamic"]): 0.127 bit/param (QLoRA paper,
+    sec. 2). int4: see below. int8 (Linear8bitLt): a fp32 scale per output row (SCB)."""
+    p = s.precision
+    if not p.is_quantized:
+        return 0
+    total = 256 * FP32 if p.double_quant else 0
+    for spec in quantized_linears(s.model.arch):
+        n = spec.n_weight_params
+        if p.weights == "int8":
+            total += spec.out_features * FP32
+            continue
+        if p.weights == "int4":
+            # optimum-quanto qint4 (tensor/weights/qbits.py): a scale and a shift per group of
+            # quant_block_size values along the input dim, in the compute dtype
+            total += 2 * math.ceil(n / p.quant_block_size) * BYTES_PER_ELEMENT[p.compute_dtype]
+            continue
+        n_blocks = math.ceil(n / p.quant_block_size)
+        if p.double_quant:
+            total += n_blocks + math.ceil(n_blocks / 256) * FP32 + FP32 + 16 * FP32
+        else:
+            total += n_blocks * FP32 + 16 * FP32
+    return total
+
+
+def trainable_tensors(s: Scenario) -> list[int]:
+    """Element counts of every trainable tensor, as peft creates them (LoRA A r x in and B out x r per
+    targeted module; IA3 one vector per module, in_features for feed-forward ones, else out_features;
+    prompt tuning n_virtual x hidden; prefix tuning n_virtual x n_layers*2*kv_dim; peft/tuners/*)."""
+    a = s.model.arch
+    m = s.peft
+    if m.method == "full":
+        return _all_parameter_tensors(a)
+    if m.method == "lora":
+        out = []
+        for spec in m.targeted_linears(a):
+            n_copies = a.n_layers if spec in a.layer_linears else 1
+            out += [m.r * spec.in_features, spec.out_features * m.r] * n_copies
+        return out
+    if m.method == "ia3":
+        ff = m.feedforward_targets(a)
+        out = []
+        for spec in m.targeted_linears(a):
+            is_ff = any(matches_target(spec.path, t) for t in ff)
+            n_copies = a.n_layers if spec in a.layer_linears else 1
+            out += [spec.in_features if is_ff else spec.out_features] * n_copies
+        return out
+    if m.method == "prompt_tuning":
+        return [m.num_virtual_tokens * a.hidden_size]
+    # prefix tuning: peft sizes keys/values by num_key_value_heads * head_dim (GQA aware)
+    return [m.num_virtual_tokens * a.n_layers * 2 * a.n_kv_heads * a.head_dim]
+
+
+def _all_parameter_tensors(a: Arch) -> list[int]:
+    out = [a.vocab_size * a.embed_dim]
+    if a.n_position_embeddings:
+        out.append(a.n_position_embeddings * a.hidden_size)
+    norm_tensors = [a.hidden_size] * (2 if a.norm == "layer" else 1)
+    for _ in range(a.n_layers):
+        for spec in a.layer_linears:
+            out.append(spec.n_weight_params)
+            if spec.bias:
+                out.append(spec.out_features)
+        out += norm_tensors * a.n_norms_per_layer
+    for spec in a.model_linears:
+        out.append(spec.n_weight_params)
+    if a.final_norm:
+        out += norm_tensors
+    if not a.tied_embeddings:
+        out.append(a.vocab_size * a.embed_dim)
+    return out
+
+
+def trainable_bytes_per_element(s: Scenario) -> int:
+    """peft keeps adapters in fp32 (autocast_adapter_dtype=True casts fp16/bf16 adapters up, verified on
+    peft 0.21); full fine-tuning trains the weights in their own dtype."""
+    return BYTES_PER_ELEMENT[s.precision.weights] if s.peft.method == "full" else FP32
+
+
+def trainable_param_bytes(s: Scenario) -> int:
+    """Adapter parameters; 0 for full fine-tuning (its weights are in `weight_bytes`)."""
+    if s.peft.method == "full":
+        return 0
+    return sum(trainable_tensors(s)) * FP32
+
+
+def gradient_bytes(s: Scenario) -> int:
+    """One gradient per trainable parameter, in the parameter's dtype (torch autograd)."""
+    return sum(trainable_tensors(s)) * trainable_bytes_per_element(s)
+
+
+def optimizer_state_bytes(s: Scenario, *, device: str = "cpu") -> tuple[int, int]:
+    """(resident_bytes, paged_bytes). torch AdamW (optim/adamw.py): exp_avg and exp_avg_sq in the
+    parameter's dtype plus a 0-dim fp32 `step` per tensor. bitsandbytes 8-bit (optim/optimizer.py):
+    2 uint8 states + fp32 absmax per 256 values, fp32 states for tensors under 4096 values, and the two
+    shared 256-entry fp32 quantization maps. 32-bit bnb states are fp32. Paged states live in CUDA
+    unified memory (not in torch's allocator) when >= 1e5 values. SGD: torch default momentum 0 keeps
+    no state."""
+    opt = s.training.optimizer
+    if opt == "sgd":
+        return 0, 0
+    tensors = trainable_tensors(s)
+    resident = paged = 0
+    if opt == "adamw":
+        return sum(tensors) * trainable_bytes_per_element(s) * 2 + FP32 * len(tensors), 0
+    eight_bit = opt.endswith("8bit")
+    for n in tensors:
+        if eight_bit and n >= BNB_8BIT_MIN_SIZE:
+            size = 2 * n + 2 * math.ceil(n / BNB_8BIT_BLOCK) * FP32
+            state_numel = n
+        else:
+            size = 2 * n * FP32
+            state_numel = n
+        if opt.startswith("paged") and device == "cuda" and state_numel >= BNB_PAGED_MIN_NUMEL:
+            paged += size
+        else:
+            resident += size
+    if eight_bit and any(n >= BNB_8BIT_MIN_SIZE for n in tensors):
+        resident += 2 * 256 * FP32
+    return resident, paged

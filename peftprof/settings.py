@@ -1,0 +1,176 @@
+"""Resolved settings: frozen, keyword-only dataclasses. The raw TOML dict never gets past the loader."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from .arch import Arch, LinearSpec, build_arch
+
+WEIGHT_KINDS = ("fp32", "fp16", "bf16", "int8", "int4", "fp4", "nf4")
+FLOAT_KINDS = ("fp32", "fp16", "bf16")
+FOUR_BIT_KINDS = ("int4", "fp4", "nf4")
+BNB_4BIT_KINDS = ("fp4", "nf4")  # bitsandbytes Linear4bit quant_type
+COMPUTE_DTYPES = FLOAT_KINDS
+METHODS = ("full", "lora", "ia3", "prompt_tuning", "prefix_tuning")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
+ATTENTIONS = ("sdpa", "eager")
+DEVICES = ("auto", "cpu", "cuda")
+BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+# peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (tests compare with peft's own)
+LORA_DEFAULT_TARGETS = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"), "opt": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
+}
+# peft/utils/constants.py TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
+IA3_DEFAULT_TARGETS = {
+    "llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
+    "qwen2": ("q_proj", "v_proj", "down_proj"), "gemma": ("q_proj", "v_proj", "down_proj"),
+    "opt": ("q_proj", "k_proj", "fc2"), "gpt2": ("c_attn", "mlp.c_proj"),
+}
+IA3_DEFAULT_FEEDFORWARD = {
+    "llama": ("down_proj",), "mistral": ("down_proj",), "qwen2": ("down_proj",), "gemma": ("down_proj",),
+    "opt": ("fc2",), "gpt2": ("mlp.c_proj",),
+}
+
+
+def matches_target(path: str, target: str) -> bool:
+    """peft's rule (tuners_utils.check_target_module_exists): exact name or a dotted suffix."""
+    return path == target or path.endswith("." + target)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    preset: str | None = None
+    config_file: str | None = None
+    config: Mapping[str, object]  # resolved HF config fields, model_type included
+
+    @functools.cached_property
+    def arch(self) -> Arch:
+        return build_arch(dict(self.config))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionSettings:
+    weights: str = "bf16"
+    double_quant: bool = False
+    compute_dtype: str = "bf16"
+    quant_block_size: int = 64
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weights not in FLOAT_KINDS
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.weights in FOUR_BIT_KINDS
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeftSettings:
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str | None = None  # None -> peft's default for the model type
+    num_virtual_tokens: int = 20
+
+    def targets(self, arch: Arch) -> tuple[str, ...]:
+        """Target names as peft receives them (all-linear expanded to leaf names, lm_head excluded)."""
+        if self.target_modules == "all-linear":
+            return arch.linear_names
+        if self.target_modules is not None:
+            return tuple(self.target_modules)
+        table = IA3_DEFAULT_TARGETS if self.method == "ia3" else LORA_DEFAULT_TARGETS
+        return table[arch.model_type]
+
+    def feedforward_targets(self, arch: Arch) -> tuple[str, ...]:
+        """IA3 modules scaled on their input (peft's feedforward_modules); the rest scale outputs."""
+        if self.target_modules is None:
+            return IA3_DEFAULT_FEEDFORWARD[arch.model_type]
+        ff = IA3_DEFAULT_FEEDFORWARD[arch.model_type]
+        return tuple(t for t in self.targets(arch) if any(matches_target(t, f) or matches_target(f, t) for f in ff))
+
+    def targeted_linears(self, arch: Arch) -> tuple[LinearSpec, ...]:
+        """The linear layers (per decoder layer and model-level) that get an adapter."""
+        if self.method not in ("lora", "ia3"):
+            return ()
+        names = self.targets(arch)
+        return tuple(s for s in arch.layer_linears + arch.model_linears
+                     if any(matches_target(s.path, t) for t in names))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSettings:
+    batch_size: int = 1
+    seq_len: int = 512
+    grad_accum_steps: int = 1
+    optimizer: str = "adamw"
+    gradient_checkpointing: str = "none"
+    attention: str = "sdpa"
+
+    @property
+    def checkpoint_every(self) -> int:
+        """0: no checkpointing; k: every k-th decoder layer is checkpointed (1 = full)."""
+        policy = self.gradient_checkpointing
+        if policy == "none":
+            return 0
+        if policy == "full":
+            return 1
+        return int(policy.split("_", 1)[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    device: str = "auto"
+    steps: int = 5
+    warmup_steps: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scenario:
+    """One fully resolved variant: everything the estimator and runner need."""
+
+    name: str  # the variant name, e.g. qlora-7b[peft.r=8]
+    scenario: str  # the scenario's name (shared by its variants)
+    description: str = ""
+    source: str = ""
+    model: ModelSettings
+    precision: PrecisionSettings = PrecisionSettings()
+    peft: PeftSettings = PeftSettings()
+    training: TrainingSettings = TrainingSettings()
+    run: RunSettings = RunSettings()
+    overrides: tuple[tuple[str, object], ...] = ()  # this variant's sweep values
+    not_applicable: tuple[str, ...] = field(default=())  # keys set but not applying to this variant
+
+    def to_dict(self) -> dict:
+        """JSON-ready resolved settings (the `scenario` field of every result)."""
+        out = {
+            "name": self.name, "scenario": self.scenario, "description": self.description, "source": self.source,
+            "model": {"preset": self.model.preset, "config_file": self.model.config_file,
+                      "config": dict(self.model.config)},
+            "precision": asdict(self.precision), "peft": asdict(self.peft), "training": asdict(self.training),
+            "run": asdict(self.run), "overrides": {k: v for k, v in self.overrides},
+            "not_applicable": list(self.not_applicable),
+        }
+        if isinstance(self.peft.target_modules, tuple):
+            out["peft"]["target_modules"] = list(self.peft.target_modules)
+        return out
+
+    def settings_key(self) -> str:
+        """Stable identity of what is measured (used to skip variants already measured)."""
+        import hashlib
+        import json
+
+        d = self.to_dict()
+        for k in ("description", "source", "not_applicable"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def frozen_mapping(d: dict) -> Mapping[str, object]:
+    return MappingProxyType(dict(d))
