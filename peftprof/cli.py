@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -219,6 +220,111 @@ def fit(scenario, gpu_name, axis, headroom, device, method):
                        f"(peak {gib(est['peak_bytes'])} GiB)")
         click.echo(table(["category", "GiB"], [[c, gib(est["breakdown"][c])] for c in CATEGORIES]))
     sys.exit(0 if found_all else 1)
+
+
+def run_summary(records) -> str:
+    from .run.runner import measured_error
+    from .textfmt import gib, table
+
+    rows = []
+    for r in records:
+        m = r.get("measured") or {}
+        err = measured_error(r)
+        status = r["status"] if r["status"] == "ok" else f"{r['status']} ({(r.get('error') or {}).get('phase')})"
+        rows.append([r["variant"], status, gib(r["estimate"]["peak_bytes"]), gib(m.get("peak_bytes")),
+                     "-" if err is None else f"{err * 100:+.1f}%",
+                     "-" if not m.get("tokens_per_s") else f"{m['tokens_per_s']:,.0f}"])
+    return table(["variant", "status", "estimated GiB", "measured GiB", "error", "tokens/s"], rows)
+
+
+@cli.command()
+@click.argument("scenarios", nargs=-1, required=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where to train (default: the scenario's run.device; auto = cuda when available).")
+@click.option("--out", "out_dir", default="reports", show_default=True, help="Directory for results and report.")
+@click.option("--steps", type=click.IntRange(1, 100_000), default=None, help="Measured steps (default: run.steps).")
+@click.option("--force", is_flag=True, help="Re-run variants already measured with the same settings.")
+@click.option("--max-memory", default=None, help="CPU: treat more tracked memory than this as out-of-memory (e.g. 16GiB).")
+@click.option("--no-report", is_flag=True, help="Do not write the HTML report.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def run(scenarios, device, out_dir, steps, force, max_memory, no_report, quiet):
+    """Train each variant for real on synthetic tokens; measure memory per phase and speed.
+
+    Results go to OUT/<scenario>.jsonl (one JSON object per variant, written as each finishes);
+    running again skips variants already measured unless --force.
+
+    \b
+    Example:
+      peftprof run scenarios/quickstart.toml --device cpu
+    """
+    from .textfmt import parse_size
+
+    cap = None
+    if max_memory is not None:
+        try:
+            cap = parse_size(max_memory)
+        except ValueError as e:
+            raise UserError(f"--max-memory: {e}") from None
+    variants = _load(scenarios)
+    from .run.runner import resolve_device
+    from .run.session import run_scenarios
+
+    records, files, interrupted = [], [], False
+    by_device: dict[str, list] = {}
+    for v in variants:
+        by_device.setdefault(device or v.run.device, []).append(v)
+    for dev, group in by_device.items():
+        try:
+            resolved = resolve_device(dev)
+        except RuntimeError as e:
+            raise UserError(f"--device: {e}") from None
+        recs, fs, interrupted = run_scenarios(group, out_dir=out_dir, device=resolved, steps=steps, force=force,
+                                              max_memory=cap, progress=not quiet)
+        records += recs
+        files += fs
+        if interrupted:
+            break
+    click.echo(run_summary(records))
+    for f in dict.fromkeys(files):
+        click.echo(f"results: {f}")
+    if not no_report and records:
+        from .report import write_report
+
+        for f in dict.fromkeys(files):
+            html = write_report([f], Path(f).with_suffix(".html"))
+            click.echo(f"report: {html}")
+    if interrupted:
+        click.echo("interrupted: the variants that finished are saved; run again to resume", err=True)
+        sys.exit(130)
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True)
+@click.option("-o", "--output", default=None, help="Output file (default: reports/<first input>.html|md|csv).")
+@click.option("--format", "fmt", type=click.Choice(["html", "markdown", "csv"]), default="html", show_default=True)
+@user_errors
+def report(results, output, fmt):
+    """Write one self-contained report from runner results and/or estimate JSON.
+
+    \b
+    Example:
+      peftprof report reports/quickstart.jsonl -o reports/quickstart.html
+      peftprof estimate scenarios/rank-sweep.toml --format json > est.json && peftprof report est.json --format markdown
+    """
+    from .report import write_report
+
+    ext = {"html": ".html", "markdown": ".md", "csv": ".csv"}[fmt]
+    out = Path(output) if output else Path("reports") / (Path(results[0]).stem + ext)
+    if output == "-":
+        from .report import render_csv, render_html, render_markdown
+        from .results import read_results
+
+        records = read_results(results)
+        click.echo({"html": lambda: render_html(records, "peftprof report"), "markdown": lambda: render_markdown(records),
+                    "csv": lambda: render_csv(records)}[fmt](), nl=False)
+        return
+    click.echo(f"report: {write_report(results, out, fmt)}")
 
 
 def main() -> None:

@@ -324,15 +324,17 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
     if "double_quant" in prec and weights not in BNB_4BIT_KINDS:
         cond.add("precision", "double_quant", f"applies only to {' and '.join(BNB_4BIT_KINDS)} weights, not {weights}")
         prec.pop("double_quant")
-    if "quant_block_size" in prec and weights not in FOUR_BIT_KINDS:
-        cond.add("precision", "quant_block_size", f"applies only to 4-bit weights ({', '.join(FOUR_BIT_KINDS)}), "
-                 f"not {weights}")
+    if "quant_block_size" in prec and weights not in BNB_4BIT_KINDS:
+        cond.add("precision", "quant_block_size", f"applies only to bitsandbytes 4-bit weights "
+                 f"({', '.join(BNB_4BIT_KINDS)}), not {weights}")
         prec.pop("quant_block_size")
-    compute = prec.get("compute_dtype", weights if weights in FLOAT_KINDS else PrecisionSettings.compute_dtype)
-    if weights in FLOAT_KINDS and compute != weights:
-        c.add("precision", "compute_dtype", f"{compute} cannot compute a {weights} model (no mixed precision here)",
-              weights)
-    prec["compute_dtype"] = compute
+    if weights in FLOAT_KINDS and prec.get("compute_dtype", weights) != weights:
+        # float models compute in their own dtype (no autocast here); the key applies to quantized weights
+        cond.add("precision", "compute_dtype", f"{prec['compute_dtype']} cannot compute a {weights} model "
+                 f"(float weights compute in their own dtype; compute_dtype applies to quantized weights)")
+        prec.pop("compute_dtype")
+    prec["compute_dtype"] = prec.get("compute_dtype", weights if weights in FLOAT_KINDS else
+                                     PrecisionSettings.compute_dtype)
 
     method = peft.get("method", PeftSettings.method)
     for key in list(peft):

@@ -90,7 +90,7 @@ def bnb_bytes(layer) -> int:
     qs = w.quant_state
     tensors = [qs.absmax, qs.code]
     if qs.nested:
-        tensors += [qs.state2.absmax, qs.offset]
+        tensors += [qs.state2.absmax, qs.state2.code, qs.offset]
     return total + sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -113,10 +113,9 @@ def test_quantized_storage_equals_bitsandbytes_tensors(write_scenario, weights, 
             layer.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, blocksize=block,
                                              compress_statistics=dq, quant_type=weights)
         real += bnb_bytes(layer.to("cpu"))
-    shared_dq_code = 256 * 4 if dq and weights != "int8" else 0  # name2qmap["dynamic"], one tensor for all layers
     predicted = mem.quant_constant_bytes(s) + sum(
         math.ceil(spec.n_weight_params / (2 if weights != "int8" else 1)) for spec in mem.quantized_linears(s.model.arch))
-    assert predicted == real + shared_dq_code
+    assert predicted == real
 
 
 def test_qlora_paper_bits_per_parameter(write_scenario):

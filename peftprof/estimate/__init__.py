@@ -41,22 +41,19 @@ def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], int, 
         "overhead": CUDA_CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0,
     }
     grads = mem.gradient_bytes(s)
-    full = s.peft.method == "full"
-    accum = s.training.grad_accum_steps > 1
-    # full fine-tuning: at the start of backward only lm_head's gradient exists (its backward runs first)
-    lm_head_grad = s.model.arch.vocab_size * s.model.arch.embed_dim * mem.trainable_bytes_per_element(s)
-    backward = {
-        "gradients": grads if (not full or accum) else lm_head_grad,
-        "activations": act_mod.activation_bytes(s),
-        "logits": act_mod.logits_bytes(s),
-        "temporaries": act_mod.temporary_bytes(s),
-    }
-    # optimizer step: single-tensor AdamW (torch's CPU default; foreach on CUDA) makes one parameter-sized
-    # temporary for the denominator (optim/adamw.py _single_tensor_adamw)
-    biggest = max(mem.trainable_tensors(s), default=0) * mem.trainable_bytes_per_element(s)
-    step = {"gradients": grads, "activations": 0, "logits": 0,
-            "temporaries": biggest if s.training.optimizer != "sgd" else 0}
-    phase, varying = ("backward", backward) if sum(backward.values()) >= sum(step.values()) else ("optimizer", step)
+    # gradients of earlier micro-batches persist through later ones; in a single micro-batch none exist
+    # yet at the start of backward (zero_grad(set_to_none=True)), measured on CPU
+    grads_live = grads if s.training.grad_accum_steps > 1 else 0
+    activations = act_mod.activation_bytes(s)
+    logits = act_mod.logits_bytes(s)
+    # 1. start of backward: every saved activation and the loss's logits copies
+    backward = {"gradients": grads_live, "activations": activations, "logits": logits, "temporaries": 0}
+    # 2. inside the backward of some decoder layer (logits gone, the model's logits still held)
+    late = act_mod.layer_backward_peak(s, grads, grads_live)
+    # 3. optimizer step: all gradients and the optimizer's temporaries
+    step = {"gradients": grads, "activations": 0, "logits": 0, "temporaries": mem.optimizer_temporary_bytes(s)}
+    candidates = [("backward", backward), ("backward", late), ("optimizer", step)]
+    phase, varying = max(candidates, key=lambda c: sum(c[1].values()))
     breakdown = {c: int({**persistent, **varying}[c]) for c in CATEGORIES}
     return breakdown, paged, phase
 

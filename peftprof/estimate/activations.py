@@ -21,8 +21,9 @@ def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: i
     """Tensors saved around one linear layer (frozen or trainable base, LoRA or IA3 adapter)."""
     saved: dict[str, int] = {}
     m, p = s.peft, s.precision
-    if m.method == "full" or p.weights == "int8":
-        # F.linear saves its input for the weight gradient; bitsandbytes MatMul8bitFp keeps ctx.A
+    if m.method == "full" or p.weights in ("int8", "int4"):
+        # F.linear saves its input for the weight gradient; bitsandbytes MatMul8bitFp keeps ctx.A;
+        # optimum-quanto's QuantizedLinearFunction saves (input, weight) (tensor/function.py)
         saved[in_key] = act * T * spec.in_features
     targeted = m.method in ("lora", "ia3") and any(matches_target(spec.path, t) for t in m.targets(s.model.arch))
     if not targeted:
@@ -142,16 +143,68 @@ def checkpoint_bytes_per_layer(s: Scenario) -> int:
     return activation_bytes_per_element(s) * tokens_per_micro_batch(s) * s.model.arch.hidden_size
 
 
+def model_activation_bytes(s: Scenario) -> int:
+    """Saved outside the decoder layers: the final norm's input (as in `norm` above) and, for rotary models,
+    the cos/sin tables every layer's rotary muls save (transformers LlamaRotaryEmbedding, shared by layers)."""
+    a = s.model.arch
+    act = activation_bytes_per_element(s)
+    T = tokens_per_micro_batch(s)
+    total = 0
+    if a.final_norm:
+        total += FP32 * T * a.hidden_size + FP32 * T if a.norm == "rms" else act * T * a.hidden_size + 2 * FP32 * T
+    if a.n_position_embeddings == 0:
+        total += 2 * act * T * a.head_dim
+    return total
+
+
 def activation_bytes(s: Scenario) -> int:
-    """All decoder layers: every k-th layer checkpointed (k = checkpoint_every), the rest store everything.
-    During backward a checkpointed layer is recomputed, adding one layer's activations (counted here)."""
+    """Saved activations at the start of backward: every k-th layer checkpointed (k = checkpoint_every)
+    keeps only its input, the others everything, plus the model-level tensors."""
     n = s.model.arch.n_layers
     k = s.training.checkpoint_every
     per_layer = activation_bytes_per_layer(s)
-    if k == 0:
-        return n * per_layer
-    n_ckpt = len(range(0, n, k))
-    return n_ckpt * checkpoint_bytes_per_layer(s) + (n - n_ckpt) * per_layer + per_layer
+    n_ckpt = len(range(0, n, k)) if k else 0
+    return n_ckpt * checkpoint_bytes_per_layer(s) + (n - n_ckpt) * per_layer + model_activation_bytes(s)
+
+
+def layer_backward_peak(s: Scenario, grads: int, grads_live: int) -> dict[str, int]:
+    """The largest moment inside a decoder layer's backward, scanning layers from last to first. At layer
+    i: gradients of lm_head and of layers above i (full fine-tuning: per-layer parameter gradients
+    accumulate as backward goes down; the untied embedding's comes last), saved tensors of layers 0..i
+    (those above were freed), the model's logits held by the outputs, and as temporaries the recomputed
+    layer i when checkpointed plus the start of its backward."""
+    from .memory import embedding_gradient_bytes, trainable_bytes_per_element
+
+    a = s.model.arch
+    n, k = a.n_layers, s.training.checkpoint_every
+    full = s.peft.method == "full"
+    per_layer_grad = 0
+    if full:
+        per_layer_params = sum(x.n_weight_params + (x.out_features if x.bias else 0) for x in a.layer_linears)
+        per_layer_params += a.hidden_size * (2 if a.norm == "layer" else 1) * a.n_norms_per_layer
+        per_layer_grad = per_layer_params * trainable_bytes_per_element(s)
+    top_grads = grads - n * per_layer_grad - embedding_gradient_bytes(s) if full else grads
+    per_layer, ckpt = activation_bytes_per_layer(s), checkpoint_bytes_per_layer(s)
+    held = [ckpt if k and i % k == 0 else per_layer for i in range(n)]
+    common = {"logits": held_logits_bytes(s), "temporaries": 0}
+    best: dict[str, int] = {}
+    below = sum(held)
+    for i in range(n - 1, -1, -1):
+        g = top_grads + (n - 1 - i) * per_layer_grad if s.training.grad_accum_steps == 1 else grads
+        temps = (per_layer if k and i % k == 0 else 0) + backward_temporary_bytes(s)
+        cand = {**common, "gradients": max(g, grads_live), "activations": below + model_activation_bytes(s),
+                "temporaries": temps}
+        if sum(cand.values()) > sum(best.values()):
+            best = cand
+        below -= held[i]
+    return best
+
+
+def recompute_bytes(s: Scenario) -> int:
+    """During backward a checkpointed layer is recomputed: one layer's activations live again (after the
+    logits' gradients are freed), on top of the checkpoints (torch.utils.checkpoint, non-reentrant).
+    They are made and freed within backward, so they count as temporaries."""
+    return activation_bytes_per_layer(s) if s.training.checkpoint_every else 0
 
 
 def logits_bytes(s: Scenario) -> int:
@@ -164,10 +217,25 @@ def logits_bytes(s: Scenario) -> int:
     return n * (activation_bytes_per_element(s) + 3 * FP32)
 
 
-def temporary_bytes(s: Scenario) -> int:
-    """Largest transient inside a layer: a dequantized 4-bit/8-bit weight in compute dtype
-    (bitsandbytes dequantize_4bit / MatMul8bitFp) while the matmul's output exists."""
+def held_logits_bytes(s: Scenario) -> int:
+    """The model's logits, kept by the output object through backward (transformers' no_trainer loop:
+    `outputs = model(**batch); outputs.loss.backward()`)."""
+    return tokens_per_micro_batch(s) * s.model.arch.vocab_size * activation_bytes_per_element(s)
+
+
+def dequantized_weight_bytes(s: Scenario) -> int:
+    """A dequantized 4-bit/8-bit weight in compute dtype while its matmul runs (bitsandbytes
+    dequantize_4bit / MatMul8bitFp; quanto dequantizes on CPU too)."""
     if not s.precision.is_quantized:
         return 0
     biggest = max(spec.n_weight_params for spec in quantized_linears(s.model.arch))
     return compute_bytes_per_element(s) * biggest
+
+
+def backward_temporary_bytes(s: Scenario) -> int:
+    """Transients at the start of one layer's backward, while its saved tensors are all still live: the
+    gradient of down_proj's input (b*s*intermediate; measured on CPU), plus a dequantized weight for
+    quantized bases."""
+    a = s.model.arch
+    return activation_bytes_per_element(s) * tokens_per_micro_batch(s) * a.intermediate_size + \
+        dequantized_weight_bytes(s)

@@ -23,16 +23,19 @@ def compute_bytes_per_element(s: Scenario) -> int:
 
 def activation_bytes_per_element(s: Scenario) -> int:
     """dtype of the hidden stream. peft's prepare_model_for_kbit_training upcasts every non-quantized
-    parameter (embeddings, norms, lm_head) to fp32 (peft/utils/other.py), so a k-bit model's hidden
-    states are fp32; bitsandbytes casts to compute_dtype inside each layer and back (nn/modules.py)."""
-    if s.precision.is_quantized:
-        return FP32
-    return BYTES_PER_ELEMENT[s.precision.weights]
+    parameter (embeddings, norms, lm_head) of a bitsandbytes model to fp32 (peft/utils/other.py), so its
+    hidden states are fp32; bitsandbytes casts to compute_dtype inside each layer and back
+    (nn/modules.py). quanto (int4) models keep the compute dtype (see run/build.py)."""
+    return non_quantized_bytes_per_element(s)
 
 
 def non_quantized_bytes_per_element(s: Scenario) -> int:
-    """Embeddings, norms, lm_head: fp32 on k-bit models (prepare_model_for_kbit_training), else the weights dtype."""
-    return FP32 if s.precision.is_quantized else BYTES_PER_ELEMENT[s.precision.weights]
+    """Embeddings, norms, lm_head: fp32 on bitsandbytes models (prepare_model_for_kbit_training), the compute
+    dtype on int4 (quanto) models, else the weights dtype."""
+    p = s.precision
+    if p.weights == "int4":
+        return BYTES_PER_ELEMENT[p.compute_dtype]
+    return FP32 if p.is_quantized else BYTES_PER_ELEMENT[p.weights]
 
 
 def quantized_linears(a: Arch) -> tuple[LinearSpec, ...]:
@@ -50,35 +53,46 @@ def weight_bytes(s: Scenario) -> int:
         return a.n_params * BYTES_PER_ELEMENT[p.weights]
     linear_weights = sum(spec.n_weight_params for spec in quantized_linears(a))
     packed = sum(math.ceil(spec.n_weight_params / 2) for spec in quantized_linears(a)) if p.is_4bit else linear_weights
-    return packed + (a.n_params - linear_weights) * FP32
+    return packed + (a.n_params - linear_weights) * non_quantized_bytes_per_element(s)
 
 
 def quant_constant_bytes(s: Scenario) -> int:
     """bitsandbytes' constants (functional.py quantize_4bit / QuantState). 4-bit: fp32 absmax per block
     (0.5 bit/param at block 64) and the 16-entry fp32 NF4/FP4 code, per layer. Double quant: absmax as
-    uint8, fp32 absmax per 256 of them, a fp32 offset, the 16-entry code per layer, and one 256-entry fp32
-    blockwise code shared by all layers (cached name2qmap["dynamic"]): 0.127 bit/param (QLoRA paper,
-    sec. 2). int4: see below. int8 (Linear8bitLt): a fp32 scale per output row (SCB)."""
+    uint8, fp32 absmax per 256 of them, a fp32 offset, the 16-entry code, and a copy of the 256-entry fp32
+    blockwise code per layer (quantize_blockwise: code.to(device, copy=True)): 0.127 bit/param (QLoRA
+    paper, sec. 2). int4: see below. int8 (Linear8bitLt): a fp32 scale per output row (SCB)."""
     p = s.precision
     if not p.is_quantized:
         return 0
-    total = 256 * FP32 if p.double_quant else 0
+    total = 0
     for spec in quantized_linears(s.model.arch):
         n = spec.n_weight_params
         if p.weights == "int8":
             total += spec.out_features * FP32
             continue
         if p.weights == "int4":
-            # optimum-quanto qint4 (tensor/weights/qbits.py): a scale and a shift per group of
-            # quant_block_size values along the input dim, in the compute dtype
-            total += 2 * math.ceil(n / p.quant_block_size) * BYTES_PER_ELEMENT[p.compute_dtype]
+            # optimum-quanto qint4: a scale and a shift per group, in the compute dtype
+            total += 2 * n // quanto_group_size(spec.in_features, spec.out_features) * BYTES_PER_ELEMENT[p.compute_dtype]
             continue
         n_blocks = math.ceil(n / p.quant_block_size)
         if p.double_quant:
-            total += n_blocks + math.ceil(n_blocks / 256) * FP32 + FP32 + 16 * FP32
+            total += n_blocks + math.ceil(n_blocks / 256) * FP32 + FP32 + 16 * FP32 + 256 * FP32
         else:
             total += n_blocks * FP32 + 16 * FP32
     return total
+
+
+def quanto_group_size(in_features: int, out_features: int) -> int:
+    """optimum-quanto nn/qmodule.py: group 128, stepped down by 32 (not below 32) until it divides
+    in_features; inputs of 128 or fewer (or no divisor found) get one group per output row."""
+    g = 128
+    if in_features > g:
+        while in_features % g and g > 32:
+            g -= 32
+        if in_features % g == 0:
+            return g
+    return in_features
 
 
 def trainable_tensors(s: Scenario) -> list[int]:
@@ -176,3 +190,22 @@ def optimizer_state_bytes(s: Scenario, *, device: str = "cpu") -> tuple[int, int
     if eight_bit and any(n >= BNB_8BIT_MIN_SIZE for n in tensors):
         resident += 2 * 256 * FP32
     return resident, paged
+
+
+def embedding_gradient_bytes(s: Scenario) -> int:
+    """Gradient of the input embedding when trained (full fine-tuning) and not tied to lm_head: autograd
+    computes it last, after every layer's backward."""
+    a = s.model.arch
+    if s.peft.method != "full" or a.tied_embeddings:
+        return 0
+    return a.vocab_size * a.embed_dim * trainable_bytes_per_element(s)
+
+
+def optimizer_temporary_bytes(s: Scenario) -> int:
+    """Transients of one optimizer step. torch's single-tensor AdamW (the CPU default, optim/adamw.py)
+    computes denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps): two parameter-sized
+    temporaries for the largest tensor (measured on CPU). bitsandbytes updates in place in its kernels;
+    SGD without momentum adds the gradient in place."""
+    if s.training.optimizer != "adamw":
+        return 0
+    return 2 * max(trainable_tensors(s), default=0) * trainable_bytes_per_element(s)

@@ -1,0 +1,266 @@
+"""Reporter: one self-contained interactive HTML file (plotly.js inlined once), markdown, or CSV.
+
+Inputs are runner results and/or `estimate --format json` output (peftprof.results). Every user string
+is escaped: HTML text through html.escape, figure data through plotly's JSON encoder (which writes `<`
+as \\u003c, so nothing in a name can close the script element).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from .errors import UserError
+from .results import read_results, write_atomic
+
+CATEGORIES = ("weights", "quant_constants", "trainable", "gradients", "optimizer", "activations", "logits",
+              "temporaries", "overhead")
+COLORS = dict(zip(CATEGORIES, ("#4c78a8", "#9ecae9", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b",
+                               "#b279a2", "#9d755d")))
+GPU_LINES_GB = (16, 24, 40, 48, 80)
+GIB = 1 << 30
+PHASES = ("built", "wrapped", "forward", "backward", "optimizer", "steady")
+
+
+def _gib(n) -> float | None:
+    return None if n is None else n / GIB
+
+
+def _measured(r: dict) -> dict | None:
+    m = r.get("measured")
+    return m if isinstance(m, dict) and m.get("peak_bytes") else None
+
+
+def error_pct(r: dict) -> float | None:
+    m = _measured(r)
+    return None if m is None else (r["estimate"]["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"] * 100
+
+
+def fitting_gpus(r: dict) -> list[str]:
+    """Catalogue GPUs whose memory holds the measured peak (or the estimate when not measured)."""
+    from .catalog import gpus
+
+    est = r["estimate"]
+    need = (_measured(r) or {}).get("peak_bytes") or est.get("device_bytes") or est["peak_bytes"]
+    return [g.name for g in gpus().values() if g.memory_bytes >= need]
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for r in records:
+        m = _measured(r) or {}
+        err = error_pct(r)
+        status = r.get("status", "estimate")
+        if r.get("error"):
+            status += f" ({r['error'].get('phase')})"
+        est = r["estimate"]
+        rows.append({
+            "variant": r["variant"], "status": status,
+            "estimated_gib": round(est["peak_bytes"] / GIB, 3),
+            "measured_gib": None if not m else round(m["peak_bytes"] / GIB, 3),
+            "error_pct": None if err is None else round(err, 2),
+            "measured_tokens_per_s": None if not m.get("tokens_per_s") else round(m["tokens_per_s"], 1),
+            "predicted_tokens_per_s": None if est.get("predicted_tokens_per_s") is None
+            else round(est["predicted_tokens_per_s"], 1),
+            "trainable_params": est.get("n_trainable_params"),
+            "fits": ", ".join(fitting_gpus(r)),
+        })
+    return rows
+
+
+def _fig_breakdown(records):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    names = [r["variant"] for r in records]
+    for cat in CATEGORIES:
+        fig.add_bar(name=f"{cat} (estimated)", x=names, y=[_gib(r["estimate"]["breakdown"].get(cat, 0)) for r in records],
+                    marker_color=COLORS[cat], offsetgroup="estimate", legendgroup=cat)
+        if any(_measured(r) and _measured(r).get("breakdown") for r in records):
+            fig.add_bar(name=f"{cat} (measured)", x=names,
+                        y=[_gib(((_measured(r) or {}).get("breakdown") or {}).get(cat)) for r in records],
+                        marker_color=COLORS[cat], marker_pattern_shape="/", offsetgroup="measured", legendgroup=cat)
+    for gb in GPU_LINES_GB:
+        fig.add_hline(y=gb * 1e9 / GIB, line_dash="dot", line_color="#888", annotation_text=f"{gb} GB",
+                      annotation_position="top left")
+    fig.update_layout(barmode="relative", yaxis_title="GiB", height=520, title="Peak memory by category: "
+                      "estimate (solid) and measurement (hatched)")
+    return fig
+
+
+def _fig_scatter(records):
+    import plotly.graph_objects as go
+
+    pts = [(r["estimate"]["peak_bytes"] / GIB, _measured(r)["peak_bytes"] / GIB, r["variant"])
+           for r in records if _measured(r)]
+    fig = go.Figure()
+    if not pts:
+        fig.add_annotation(text="not measured", showarrow=False, font_size=20)
+        return fig.update_layout(height=300, title="Estimate against measurement")
+    hi = max(max(p[0], p[1]) for p in pts) * 1.1
+    fig.add_scatter(x=[0, hi, hi, 0], y=[0, hi * 1.05, hi * 0.95, 0], fill="toself", mode="none",
+                    fillcolor="rgba(84,162,75,0.15)", name="±5%")
+    fig.add_scatter(x=[0, hi], y=[0, hi], mode="lines", line_color="#54a24b", name="y = x")
+    fig.add_scatter(x=[p[1] for p in pts], y=[p[0] for p in pts], mode="markers", text=[p[2] for p in pts],
+                    hovertemplate="%{text}<br>measured %{x:.3f} GiB<br>estimated %{y:.3f} GiB<extra></extra>",
+                    name="variants", marker_size=9)
+    return fig.update_layout(xaxis_title="measured peak GiB", yaxis_title="estimated peak GiB", height=480,
+                             title="Estimate against measurement")
+
+
+def _axes(records) -> list[str]:
+    keys: dict[str, None] = {}
+    for r in records:
+        for k in ((r.get("scenario") or {}).get("overrides") or {}):
+            keys[k] = None
+    return list(keys)
+
+
+def _fig_sweeps(records):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    figs = []
+    axes = _axes(records)
+    for axis in axes:
+        others = [a for a in axes if a != axis]
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("peak memory (GiB)", "tokens/s"))
+        groups: dict[str, list] = {}
+        for r in records:
+            ov = r["scenario"]["overrides"]
+            label = ", ".join(f"{a}={json.dumps(ov.get(a))}" for a in others) or "all"
+            groups.setdefault(f"{r['scenario'].get('scenario', '')} {label}", []).append(r)
+        for label, rs in groups.items():
+            xs = [json.dumps(r["scenario"]["overrides"].get(axis)) for r in rs]
+            mem = [_gib((_measured(r) or {}).get("peak_bytes") or r["estimate"]["peak_bytes"]) for r in rs]
+            tps = [(_measured(r) or {}).get("tokens_per_s") or r["estimate"].get("predicted_tokens_per_s") for r in rs]
+            fig.add_scatter(x=xs, y=mem, mode="lines+markers", name=label, legendgroup=label, row=1, col=1)
+            fig.add_scatter(x=xs, y=tps, mode="lines+markers", name=label, legendgroup=label, showlegend=False,
+                            row=1, col=2)
+        fig.update_layout(title=f"Along {axis} (measured where available, else estimated)", height=420)
+        figs.append((axis, fig))
+    return figs
+
+
+def _fig_timeline(records):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    measured = [r for r in records if _measured(r) and _measured(r).get("phases")]
+    for r in measured:
+        ph = {p["phase"]: p["bytes"] for p in _measured(r)["phases"]}
+        fig.add_scatter(x=list(PHASES), y=[_gib(ph.get(p)) for p in PHASES], mode="lines+markers", name=r["variant"])
+    if not measured:
+        fig.add_annotation(text="not measured", showarrow=False, font_size=20)
+    return fig.update_layout(title="Memory per phase", yaxis_title="GiB", height=420)
+
+
+def _figure_html(fig, div_id: str) -> str:
+    import plotly.io as pio
+
+    spec = pio.to_json(fig, validate=False)  # plotly escapes "<" as \u003c
+    return (f'<div id="{div_id}" class="plot"></div><script>(function(){{var f={spec};'
+            f'Plotly.newPlot("{div_id}",f.data,f.layout,{{responsive:true,displaylogo:false}});}})();</script>')
+
+
+def _table_html(rows: list[dict], table_id: str) -> str:
+    if not rows:
+        return "<p>No rows.</p>"
+    head = "".join(f"<th onclick=\"sortTable('{table_id}',{i})\">{html.escape(k)}</th>" for i, k in enumerate(rows[0]))
+    body = "".join("<tr>" + "".join(f"<td>{'' if v is None else html.escape(str(v))}</td>" for v in row.values())
+                   + "</tr>" for row in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def check_rows(records) -> list[dict]:
+    out = []
+    for r in records:
+        c = r.get("checks") or {}
+        if not c and not _measured(r):
+            c = {"note": "not measured"}
+        out.append({"variant": r["variant"], "B=0 identity max |diff|": c.get("identity_max_abs_diff"),
+                    "merged vs unmerged max |diff|": c.get("merge_max_abs_diff", c.get("note")),
+                    "unmerged ms/forward": None if c.get("unmerged_latency_ms") is None
+                    else round(c["unmerged_latency_ms"], 2),
+                    "merged ms/forward": None if c.get("merged_latency_ms") is None else round(c["merged_latency_ms"], 2),
+                    "quantization rel. error": c.get("quantization_rel_error"),
+                    "note": c.get("merge_note")})
+    return out
+
+
+SORT_JS = """function sortTable(id,col){var t=document.getElementById(id),b=t.tBodies[0],rows=Array.from(b.rows);
+var asc=t.dataset.col==col&&t.dataset.dir!='asc';t.dataset.col=col;t.dataset.dir=asc?'asc':'desc';
+rows.sort(function(a,c){var x=a.cells[col].textContent,y=c.cells[col].textContent,nx=parseFloat(x),ny=parseFloat(y);
+var r=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return asc?r:-r;});rows.forEach(function(r){b.appendChild(r);});}"""
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}th{cursor:pointer;background:#f4f4f4}
+td:first-child{text-align:left}footer{margin-top:3em;font-size:12px;color:#666}.plot{margin:1em 0}"""
+
+
+def render_html(records: list[dict], title: str) -> str:
+    from plotly.offline import get_plotlyjs
+
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    descriptions = dict.fromkeys((r.get("scenario") or {}).get("description", "") for r in records)
+    parts += [f"<p>{html.escape(d)}</p>" for d in descriptions if d]
+    parts += ["<h2>Summary</h2>", _table_html(summary_rows(records), "summary"),
+              "<h2>Memory breakdown</h2>", _figure_html(_fig_breakdown(records), "breakdown"),
+              "<h2>Estimate against measurement</h2>", _figure_html(_fig_scatter(records), "scatter")]
+    sweeps = _fig_sweeps(records)
+    if sweeps:
+        parts.append("<h2>Sweeps</h2>")
+        parts += [_figure_html(fig, f"sweep{i}") for i, (_, fig) in enumerate(sweeps)]
+    parts += ["<h2>Timeline</h2>", _figure_html(_fig_timeline(records), "timeline"),
+              "<h2>PEFT checks</h2>", _table_html(check_rows(records), "checks")]
+    prov = [dict(r["provenance"], variant=r["variant"]) for r in records if r.get("provenance")]
+    footer = "estimates only (not measured)" if not prov else "; ".join(
+        f"{k} {v}" for k, v in prov[0].items() if k in ("peftprof", "python", "torch", "transformers", "peft",
+                                                        "bitsandbytes", "device", "device_name", "commit", "time"))
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style><script>{get_plotlyjs()}</script><script>{SORT_JS}</script></head><body>"
+            + "\n".join(parts) + f"<footer>Provenance: {html.escape(footer)}</footer></body></html>")
+
+
+def render_markdown(records: list[dict]) -> str:
+    rows = summary_rows(records)
+    lines = ["| variant | status | estimated GiB | measured GiB | error % | tokens/s |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [r["variant"], r["status"], f"{r['estimated_gib']:.2f}",
+                 "-" if r["measured_gib"] is None else f"{r['measured_gib']:.2f}",
+                 "-" if r["error_pct"] is None else f"{r['error_pct']:+.1f}",
+                 "-" if r["measured_tokens_per_s"] is None else f"{r['measured_tokens_per_s']:,.0f}"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "| variant | " + " | ".join(CATEGORIES) + " |", "|---|" + "---:|" * len(CATEGORIES)]
+    for r in records:
+        b = r["estimate"]["breakdown"]
+        lines.append(f"| {r['variant'].replace('|', chr(92) + '|')} | "
+                     + " | ".join(f"{b.get(c, 0) / GIB:.2f}" for c in CATEGORIES) + " |")
+    return "\n".join(lines) + "\n\n(estimated breakdown, GiB)\n"
+
+
+def render_csv(records: list[dict]) -> str:
+    import pandas as pd
+
+    rows = []
+    for r, s in zip(records, summary_rows(records)):
+        row = dict(s)
+        row.update({f"est_{c}_bytes": r["estimate"]["breakdown"].get(c) for c in CATEGORIES})
+        m = _measured(r) or {}
+        row.update({f"meas_{c}_bytes": (m.get("breakdown") or {}).get(c) for c in CATEGORIES})
+        rows.append(row)
+    return pd.DataFrame(rows).to_csv(index=False)
+
+
+def write_report(inputs, out: str | Path, fmt: str = "html") -> Path:
+    records = read_results(inputs)
+    if not records:
+        raise UserError(f"{', '.join(map(str, inputs))}: no results to report")
+    out = Path(out)
+    title = "peftprof report: " + ", ".join(dict.fromkeys(
+        (r.get("scenario") or {}).get("scenario", r["variant"]) for r in records))
+    text = {"html": lambda: render_html(records, title), "markdown": lambda: render_markdown(records),
+            "csv": lambda: render_csv(records)}[fmt]()
+    write_atomic(out, text)
+    return out
+

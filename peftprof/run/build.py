@@ -1,0 +1,236 @@
+"""Build the real training stack for a variant: transformers model from config (random weights, nothing
+downloaded), bitsandbytes / optimum-quanto quantization, peft adapter, checkpointing policy, optimizer.
+
+The runner and the trace estimator share this code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..settings import Scenario
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Built:
+    """The model, its optimizer and what the checks need."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    quant_tensors: list[torch.Tensor] = field(default_factory=list)  # bnb quant_state tensors (not parameters)
+    quantization_error: float | None = None  # relative Frobenius norm of W - dequant(quant(W)), first layer
+    base_bytes: int = 0  # after the base model is built (weights + quantization constants)
+    wrapped_bytes: int = 0  # after the PEFT wrap
+
+
+def hf_config(s: Scenario):
+    """transformers config object from the resolved fields; never trust_remote_code, never the hub."""
+    from transformers import CONFIG_MAPPING
+
+    fields = dict(s.model.config)
+    conf = CONFIG_MAPPING[fields.pop("model_type")](**fields)
+    conf.use_cache = False
+    conf._attn_implementation = s.training.attention
+    return conf
+
+
+def _quantizable(model) -> list[tuple[str, torch.nn.Module]]:
+    """Every nn.Linear / Conv1D except the output embedding, as transformers' bitsandbytes integration
+    chooses them (integrations/bitsandbytes.py replace_with_bnb_linear, get_keys_to_not_convert)."""
+    from transformers.pytorch_utils import Conv1D
+
+    out_emb = model.get_output_embeddings()
+    return [(n, m) for n, m in model.named_modules()
+            if (type(m) is torch.nn.Linear or isinstance(m, Conv1D)) and m is not out_emb]
+
+
+def _rel_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    w, w_hat = w.float(), w_hat.float()
+    return float((w - w_hat).norm() / w.norm())
+
+
+def quantize_bnb(model, s: Scenario, device: str) -> tuple[list[torch.Tensor], float | None]:
+    """Swap linears for bitsandbytes Linear4bit (nf4/fp4, block size, double quant) or Linear8bitLt;
+    quantization happens on `.to(device)`. Returns the quant_state tensors and the first layer's error."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    p = s.precision
+    compute = TORCH_DTYPES[p.compute_dtype]
+    quant_tensors: list[torch.Tensor] = []
+    error = None
+    for name, mod in _quantizable(model):
+        w = mod.weight.data.t() if isinstance(mod, Conv1D) else mod.weight.data  # Conv1D stores (in, out)
+        out_f, in_f = w.shape
+        bias = mod.bias is not None
+        if p.weights == "int8":
+            new = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias, has_fp16_weights=False, device="meta")
+            new.weight = bnb.nn.Int8Params(w.contiguous().to(torch.float16), requires_grad=False,
+                                           has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=compute, compress_statistics=p.double_quant,
+                                    quant_type=p.weights, device="meta")
+            new.weight = bnb.nn.Params4bit(w.contiguous().to(compute), requires_grad=False, blocksize=p.quant_block_size,
+                                           compress_statistics=p.double_quant, quant_type=p.weights)
+        if bias:
+            new.bias = torch.nn.Parameter(mod.bias.data.to(compute), requires_grad=False)
+        new = new.to(device)
+        if error is None:
+            if p.weights == "int8":
+                w_hat = new.weight.data.float() * new.weight.SCB.float().unsqueeze(1) / 127
+            else:
+                w_hat = bnb.functional.dequantize_4bit(new.weight.data, new.weight.quant_state)
+            error = _rel_error(w.to(device), w_hat)
+        if p.weights != "int8":
+            qs = new.weight.quant_state
+            quant_tensors += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
+        else:
+            quant_tensors.append(new.weight.SCB)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    model.is_loaded_in_8bit = p.weights == "int8"
+    model.is_loaded_in_4bit = p.weights != "int8"
+    return quant_tensors, error
+
+
+def quantize_int4(model, s: Scenario) -> float | None:
+    """Uniform integer 4-bit grid through optimum-quanto (qint4, group-wise scale and shift)."""
+    from optimum.quanto import freeze, qint4, quantize
+
+    first_name, first = _quantizable(model)[0]
+    w = first.weight.data.clone()
+    out_emb = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
+    quantize(model, weights=qint4, exclude=out_emb)
+    freeze(model)
+    return _rel_error(w, model.get_submodule(first_name).weight.dequantize())
+
+
+def prepare_quanto_for_training(model) -> None:
+    """Freeze the base. Unlike peft's prepare_model_for_kbit_training (which would try to cast quanto's
+    QTensors, refused: "The dtype of a WeightQBitsTensor cannot be changed"), nothing is upcast: quanto's
+    QLinear does not cast its input to the weight dtype, so the hidden stream stays in the compute dtype."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def quanto_constants(model) -> list[torch.Tensor]:
+    """Scale/shift tensors inside quanto's QBits weights (counted as quantization constants)."""
+    from optimum.quanto import QTensor
+
+    out = []
+    for param in model.parameters():
+        if isinstance(param, QTensor) or isinstance(param.data, QTensor):
+            w = param if isinstance(param, QTensor) else param.data
+            attrs, _ = w.__tensor_flatten__()
+            out += [getattr(w, a) for a in attrs if a != "_data"]
+    return out
+
+
+def _peft_config(s: Scenario):
+    import peft
+
+    m = s.peft
+    a = s.model.arch
+    task = peft.TaskType.CAUSAL_LM
+    if m.method == "lora":
+        targets = "all-linear" if m.target_modules == "all-linear" else list(m.targets(a))
+        return peft.LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=targets, task_type=task)
+    if m.method == "ia3":
+        return peft.IA3Config(target_modules=list(m.targets(a)), feedforward_modules=list(m.feedforward_targets(a)),
+                              task_type=task)
+    if m.method == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=m.num_virtual_tokens, task_type=task)
+    return peft.PrefixTuningConfig(num_virtual_tokens=m.num_virtual_tokens, task_type=task)
+
+
+def make_optimizer(s: Scenario, params) -> torch.optim.Optimizer:
+    """torch AdamW / SGD (momentum 0, torch's default) or bitsandbytes' 8-bit and paged AdamW."""
+    params = [p for p in params if p.requires_grad]
+    opt = s.training.optimizer
+    if opt == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4)
+    if opt == "sgd":
+        return torch.optim.SGD(params, lr=1e-3)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[opt]
+    return cls(params, lr=1e-4)
+
+
+def apply_checkpointing(model, s: Scenario) -> None:
+    """transformers' per-layer checkpointing (GradientCheckpointingLayer.gradient_checkpointing), non-reentrant;
+    every_k keeps it on layers 0, k, 2k, ..."""
+    k = s.training.checkpoint_every
+    if not k:
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and type(m).__name__.endswith(
+        ("DecoderLayer", "Block"))]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % k == 0
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages among `tensors`."""
+    from .track import storages_of
+
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t):
+            continue
+        for st in storages_of(t):
+            key = (st.data_ptr(), st.nbytes()) if st.device.type != "meta" and st.data_ptr() else id(st)
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
+    return total
+
+
+def model_bytes(model, extra=()) -> int:
+    return tensor_bytes(list(model.parameters()) + list(model.buffers()) + list(extra))
+
+
+def build(s: Scenario, device: str, *, seed: int | None = None, init_context=None) -> Built:
+    """Construct everything for one variant on `device` ('cpu' or 'cuda')."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(s.run.seed if seed is None else seed)
+    p = s.precision
+    dtype = TORCH_DTYPES[p.weights] if not p.is_quantized else TORCH_DTYPES[p.compute_dtype]
+    build_device = "cpu" if p.weights in ("int8", "fp4", "nf4") else device
+    with torch.device(build_device), (init_context or contextlib.nullcontext()):
+        model = AutoModelForCausalLM.from_config(hf_config(s), dtype=dtype)
+    quant_tensors, error = [], None
+    if p.weights in ("int8", "fp4", "nf4"):
+        quant_tensors, error = quantize_bnb(model, s, device)
+        model.to(device)
+    elif p.weights == "int4":
+        error = quantize_int4(model, s)
+        quant_tensors = quanto_constants(model)
+    base_bytes = model_bytes(model, quant_tensors)
+    if p.weights == "int4":
+        prepare_quanto_for_training(model)
+    elif p.is_quantized:
+        # upcasts the non-quantized parameters to fp32 and freezes the base (peft/utils/other.py)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    apply_checkpointing(model, s)
+    if s.peft.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        model = peft.get_peft_model(model, _peft_config(s))
+    wrapped_bytes = model_bytes(model, quant_tensors)
+    optimizer = make_optimizer(s, model.parameters())
+    return Built(model=model, optimizer=optimizer, quant_tensors=quant_tensors, quantization_error=error,
+                 base_bytes=base_bytes, wrapped_bytes=wrapped_bytes)

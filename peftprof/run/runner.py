@@ -1,0 +1,241 @@
+"""Train each variant for real and measure memory per phase and throughput; never lose a result."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import warnings
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ..estimate import estimate
+from ..settings import Scenario
+from .build import build
+from .probe import make_probe, now
+from .track import SimulatedOOM
+
+PHASE_ORDER = ("build", "wrap", "forward", "backward", "optimizer", "checks")
+
+
+class PhaseOOM(Exception):
+    def __init__(self, phase: str, message: str):
+        super().__init__(message)
+        self.phase, self.message = phase, message
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda requested but torch sees no CUDA device")
+    return device
+
+
+def provenance(device: str) -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        pass
+    return {"peftprof": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "device": device,
+            "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "commit": commit, "host": socket.gethostname(), "time": datetime.now(timezone.utc).isoformat()}
+
+
+def _batch(s: Scenario, device: str, generator: torch.Generator) -> torch.Tensor:
+    """Synthetic tokens: batch_size x seq_len random ids; labels = ids."""
+    return torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len),
+                         generator=generator).to(device)
+
+
+def _train_step(built, s: Scenario, ids, probe, fault=None) -> None:
+    """One optimizer step over grad_accum_steps micro-batches, phases reported to the probe. The model
+    output is held through backward, as transformers' no_trainer examples do (`outputs.loss.backward()`)."""
+    for _ in range(s.training.grad_accum_steps):
+        probe.set_phase("forward")
+        _fault(fault, "forward")
+        outputs = built.model(input_ids=ids, labels=ids)
+        probe.set_phase("backward")
+        _fault(fault, "backward")
+        outputs.loss.backward()
+        del outputs
+    probe.mark_gradients(_grads(built.model))
+    probe.set_phase("optimizer")
+    _fault(fault, "optimizer")
+    built.optimizer.step()
+    built.optimizer.zero_grad(set_to_none=True)
+    probe.set_phase("steady")
+
+
+def _fault(fault, phase):
+    """Test hook: raise an out-of-memory in a chosen phase."""
+    if fault == phase:
+        raise torch.OutOfMemoryError(f"injected out-of-memory in {phase}")
+
+
+def _grads(model):
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+def _optimizer_state(opt):
+    return [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+
+
+def _adapter_checks(built, s: Scenario, ids) -> dict:
+    """PEFT practice: B=0 / ones initialisation leaves the output unchanged (before training)."""
+    if s.peft.method not in ("lora", "ia3"):
+        return {"identity_max_abs_diff": None}
+    model = built.model
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits.float()
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits.float()
+    model.train()
+    return {"identity_max_abs_diff": float((adapted - base).abs().max())}
+
+
+def _merge_checks(built, s: Scenario, ids, probe) -> dict:
+    """After training: merged (merge_and_unload) against unmerged outputs and forward latency at batch 1."""
+    if s.peft.method not in ("lora", "ia3"):
+        return {"merge_max_abs_diff": None}
+    model = built.model
+    model.eval()
+    one = ids[:1]
+
+    def latency_ms(m) -> float:
+        with torch.no_grad():
+            m(input_ids=one)
+            probe.synchronize()
+            t0, n = now(), 3
+            for _ in range(n):
+                m(input_ids=one)
+            probe.synchronize()
+        return (now() - t0) / n * 1000
+
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits.float()
+    unmerged_ms = latency_ms(model)
+    try:
+        merged_model = model.merge_and_unload()
+    except (ValueError, NotImplementedError, TypeError) as e:  # e.g. peft cannot merge IA3 into k-bit layers
+        return {"merge_max_abs_diff": None, "unmerged_latency_ms": unmerged_ms, "merge_note": str(e)[:300]}
+    with torch.no_grad():
+        merged = merged_model(input_ids=ids).logits.float()
+    return {"merge_max_abs_diff": float((merged - unmerged).abs().max()), "unmerged_latency_ms": unmerged_ms,
+            "merged_latency_ms": latency_ms(merged_model)}
+
+
+def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memory: int | None = None,
+                fault: str | None = None, progress=None) -> dict:
+    """Build, warm up, train `steps` timed steps and one tracked step; returns the result record."""
+    device = resolve_device(device)
+    est = estimate(s, device=device)
+    record = {"variant": s.name, "scenario": s.to_dict(), "settings_key": s.settings_key(), "estimate": est,
+              "status": "ok", "measured": None, "checks": {}, "error": None, "provenance": provenance(device)}
+    steps = steps or s.run.steps
+    probe = make_probe(device, cap_bytes=max_memory, vocab_size=s.model.arch.vocab_size)
+    phase = "build"
+    say = progress or (lambda msg: None)
+    built = None
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it logs a cast warning on every int8 call
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not results
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        say("build")
+        _fault(fault, "build")
+        built = build(s, device)
+        if max_memory is not None and built.wrapped_bytes > max_memory:
+            raise SimulatedOOM(f"the model alone needs {built.wrapped_bytes:,} B, over the cap {max_memory:,} B")
+        gen = torch.Generator().manual_seed(s.run.seed)
+        ids = _batch(s, device, gen)
+        phase = "checks"
+        record["checks"].update(_adapter_checks(built, s, ids))
+        record["checks"]["quantization_rel_error"] = built.quantization_error
+        built.model.train()
+        for i in range(s.run.warmup_steps):
+            phase = "warmup"
+            say(f"warm-up step {i + 1}/{s.run.warmup_steps}")
+            _train_step(built, s, ids, probe)
+        times = []
+        for i in range(steps):
+            say(f"step {i + 1}/{steps}")
+            probe.synchronize()
+            t0 = now()
+            _train_step(built, s, ids, probe, fault if i == 0 else None)
+            probe.synchronize()
+            times.append(now() - t0)
+        say("tracked step")
+        registered = _registered(built)
+        with probe.tracking(registered):
+            _train_step(built, s, ids, probe, fault)
+        tracked = probe.result(_optimizer_state(built.optimizer))
+        step_time = sorted(times)[len(times) // 2]
+        tokens = s.training.batch_size * s.training.seq_len * s.training.grad_accum_steps
+        phases = [{"phase": "built", "bytes": built.base_bytes}, {"phase": "wrapped", "bytes": built.wrapped_bytes}]
+        phases += [{"phase": p, "bytes": tracked.phase_peaks.get(p, 0)} for p in ("forward", "backward", "optimizer")]
+        phases.append({"phase": "steady", "bytes": tracked.steady_bytes})
+        record["measured"] = {"device": device, "peak_bytes": tracked.peak_bytes, "peak_phase": tracked.peak_phase,
+                              "breakdown": tracked.breakdown, "phases": phases, "step_time_s": step_time,
+                              "step_times_s": times, "tokens_per_s": tokens / step_time}
+        phase = "checks"
+        say("checks")
+        record["checks"].update(_merge_checks(built, s, ids, probe))
+    except (torch.OutOfMemoryError, MemoryError, SimulatedOOM) as e:
+        oom_phase = getattr(probe, "phase", None) if phase not in ("build", "checks") else phase
+        if probe.device == "cpu" and probe.tracker is not None and phase not in ("build", "checks"):
+            oom_phase = probe.tracker.phase
+        record.update(status="oom", error={"phase": _phase_name(oom_phase, phase), "message": str(e)[:500]})
+    except Exception as e:  # any other failure is a result too; the next variant runs
+        record.update(status="error", error={"phase": phase, "message": f"{type(e).__name__}: {e}"[:2000],
+                                             "traceback": traceback.format_exc()[-4000:]})
+    finally:
+        extra = probe.finish()
+        if record["measured"] is not None:
+            record["measured"].update(extra)
+        elif record["status"] != "ok":
+            record["measured"] = None
+        del built
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def _phase_name(tracked_phase, outer_phase) -> str:
+    if tracked_phase in ("forward", "backward", "optimizer"):
+        return tracked_phase
+    return outer_phase
+
+
+def _registered(built) -> dict[str, list]:
+    model = built.model
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    full = all(p.requires_grad for p in model.parameters())
+    return {"quant_constants": built.quant_tensors, "weights": frozen + list(model.buffers()) + (trainable if full else []),
+            "trainable": [] if full else trainable, "optimizer": _optimizer_state(built.optimizer)}
+
+
+def measured_error(record: dict) -> float | None:
+    m = record.get("measured")
+    if not m or not m.get("peak_bytes"):
+        return None
+    return (record["estimate"]["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"]
+

@@ -1,0 +1,159 @@
+"""Tensor-level memory tracking on CPU (and on fake tensors): every storage an op creates, when it dies,
+and what it turned out to be, so a peak can be split into the estimator's categories.
+
+Why not torch's MemTracker (torch.distributed._tools.mem_tracker): it is private API, attributes memory
+per module rather than by what a tensor *became* (a gradient, an optimizer state, a saved activation,
+logits), needs a subclass to skip frozen parameters, and gives no phase timeline. This is the same
+mechanism (a TorchDispatchMode plus weak references on untyped storages) in ~150 lines.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+PHASES = ("forward", "backward", "optimizer")
+CATEGORIES = ("weights", "quant_constants", "trainable", "gradients", "optimizer", "activations", "logits",
+              "temporaries", "overhead")
+
+
+class SimulatedOOM(MemoryError):
+    """Raised when tracked memory would exceed the cap (`--max-memory` on CPU)."""
+
+
+def storages_of(t: torch.Tensor) -> list:
+    """Untyped storages behind a tensor, looking through wrapper subclasses (quanto's QTensors)."""
+    if is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        return [st for a in attrs for st in storages_of(getattr(t, a))]
+    return [t.untyped_storage()]
+
+
+@dataclass
+class _Alloc:
+    nbytes: int
+    phase: str
+    index: int  # event index of the allocation
+    freed_phase: str | None = None
+    category: str | None = None  # fixed for pre-registered storages
+
+
+@dataclass
+class TrackResult:
+    peak_bytes: int
+    peak_phase: str
+    breakdown: dict[str, int]  # at the peak moment
+    phase_peaks: dict[str, int]
+    steady_bytes: int  # live at the end
+
+
+@dataclass
+class MemoryTracker(TorchDispatchMode):
+    """Dispatch mode that records every new storage and its death. Set `.phase` as the step proceeds."""
+
+    cap_bytes: int | None = None
+    vocab_size: int | None = None
+    phase: str = "setup"
+    allocs: dict[int, _Alloc] = field(default_factory=dict)
+    events: list[tuple[int, int]] = field(default_factory=list)  # (uid, +1 alloc / -1 free)
+    live_bytes: int = 0
+
+    def __post_init__(self):
+        super().__init__()
+        self._uids = itertools.count()
+        self._seen = WeakIdKeyDictionary()
+        self._logit_uids: set[int] = set()
+        self._roles: dict[int, str] = {}
+
+    def _add(self, st, category: str | None = None, is_logits: bool = False) -> int | None:
+        if st in self._seen:
+            return None
+        uid = next(self._uids)
+        self._seen[st] = uid
+        nbytes = st.nbytes()
+        self.allocs[uid] = _Alloc(nbytes=nbytes, phase=self.phase, index=len(self.events), category=category)
+        self.events.append((uid, 1))
+        self.live_bytes += nbytes
+        if is_logits:
+            self._logit_uids.add(uid)
+        weakref.finalize(st, self._free, uid)
+        if self.cap_bytes is not None and category is None and self.live_bytes > self.cap_bytes:
+            raise SimulatedOOM(f"tracked memory {self.live_bytes:,} B exceeds the cap {self.cap_bytes:,} B")
+        return uid
+
+    def _free(self, uid: int) -> None:
+        a = self.allocs.get(uid)
+        if a is None or a.freed_phase is not None:
+            return
+        a.freed_phase = self.phase
+        self.events.append((uid, -1))
+        self.live_bytes -= a.nbytes
+
+    def register(self, tensors, category: str) -> None:
+        """Storages that exist before tracking starts (weights, adapters, optimizer state, ...)."""
+        for t in tensors:
+            if torch.is_tensor(t):
+                for st in storages_of(t):
+                    self._add(st, category)
+
+    def mark(self, tensors, category: str) -> None:
+        """Name what tracked storages are now (e.g. gradients just before zero_grad frees them)."""
+        for t in tensors:
+            if torch.is_tensor(t):
+                for st in storages_of(t):
+                    uid = self._seen.get(st)
+                    if uid is not None and self.allocs[uid].category is None:
+                        self._roles[uid] = category
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if torch.is_tensor(t):
+                is_logits = self.vocab_size is not None and t.dim() >= 2 and t.shape[-1] == self.vocab_size
+                for st in storages_of(t):
+                    self._add(st, None, is_logits)
+        return out
+
+    def classify(self, optimizer_state) -> TrackResult:
+        """Name every allocation by what it became (see `mark`), then replay the timeline to find the peak."""
+        self.mark(optimizer_state, "optimizer")
+        role: dict[int, str] = dict(self._roles)
+        for uid, a in self.allocs.items():
+            if a.category is not None:
+                role.setdefault(uid, a.category)
+            elif uid in role:
+                continue
+            elif uid in self._logit_uids:
+                role[uid] = "logits"
+            elif a.phase == "forward" and a.freed_phase != "forward":
+                role[uid] = "activations"  # saved for backward: made in forward, alive past it
+            else:
+                role[uid] = "temporaries"
+        current = dict.fromkeys(CATEGORIES, 0)
+        total = peak = 0
+        peak_breakdown, peak_phase = dict(current), "setup"
+        phase_peaks = dict.fromkeys(PHASES, 0)
+        phase_of_event = self._event_phases()
+        for (uid, sign), phase in zip(self.events, phase_of_event):
+            n = self.allocs[uid].nbytes * sign
+            current[role[uid]] += n
+            total += n
+            if phase in phase_peaks and total > phase_peaks[phase]:
+                phase_peaks[phase] = total
+            if total > peak and phase in PHASES:
+                peak, peak_breakdown, peak_phase = total, dict(current), phase
+        return TrackResult(peak_bytes=peak, peak_phase=peak_phase, breakdown=peak_breakdown, phase_peaks=phase_peaks,
+                           steady_bytes=total)
+
+    def _event_phases(self) -> list[str]:
+        out = []
+        for uid, sign in self.events:
+            a = self.allocs[uid]
+            out.append(a.phase if sign > 0 else (a.freed_phase or a.phase))
+        return out
