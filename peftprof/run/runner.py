@@ -64,22 +64,27 @@ def _batch(s: Scenario, device: str, generator: torch.Generator) -> torch.Tensor
                          generator=generator).to(device)
 
 
-def _train_step(built, s: Scenario, ids, probe, fault=None) -> None:
-    """One optimizer step over grad_accum_steps micro-batches, phases reported to the probe. The model
-    output is held through backward, as transformers' no_trainer examples do (`outputs.loss.backward()`)."""
+def _train_step(built, s: Scenario, ids, probe, where: dict, fault=None) -> None:
+    """One optimizer step over grad_accum_steps micro-batches; the phase goes to the probe and to `where`
+    (so an out-of-memory names it). The model output is held through backward, as transformers'
+    no_trainer examples do (`outputs = model(**batch); outputs.loss.backward()`)."""
+
+    def phase(name):
+        where["phase"] = name
+        probe.set_phase(name)
+        _fault(fault, name)
+
     for _ in range(s.training.grad_accum_steps):
-        probe.set_phase("forward")
-        _fault(fault, "forward")
+        phase("forward")
         outputs = built.model(input_ids=ids, labels=ids)
-        probe.set_phase("backward")
-        _fault(fault, "backward")
+        phase("backward")
         outputs.loss.backward()
         del outputs
     probe.mark_gradients(_grads(built.model))
-    probe.set_phase("optimizer")
-    _fault(fault, "optimizer")
+    phase("optimizer")
     built.optimizer.step()
     built.optimizer.zero_grad(set_to_none=True)
+    where["phase"] = "steady"
     probe.set_phase("steady")
 
 
@@ -151,7 +156,7 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
               "status": "ok", "measured": None, "checks": {}, "error": None, "provenance": provenance(device)}
     steps = steps or s.run.steps
     probe = make_probe(device, cap_bytes=max_memory, vocab_size=s.model.arch.vocab_size)
-    phase = "build"
+    where = {"phase": "build"}
     say = progress or (lambda msg: None)
     built = None
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it logs a cast warning on every int8 call
@@ -165,26 +170,24 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
             raise SimulatedOOM(f"the model alone needs {built.wrapped_bytes:,} B, over the cap {max_memory:,} B")
         gen = torch.Generator().manual_seed(s.run.seed)
         ids = _batch(s, device, gen)
-        phase = "checks"
+        where["phase"] = "checks"
         record["checks"].update(_adapter_checks(built, s, ids))
         record["checks"]["quantization_rel_error"] = built.quantization_error
         built.model.train()
         for i in range(s.run.warmup_steps):
-            phase = "warmup"
             say(f"warm-up step {i + 1}/{s.run.warmup_steps}")
-            _train_step(built, s, ids, probe)
+            _train_step(built, s, ids, probe, where)
         times = []
         for i in range(steps):
             say(f"step {i + 1}/{steps}")
             probe.synchronize()
             t0 = now()
-            _train_step(built, s, ids, probe, fault if i == 0 else None)
+            _train_step(built, s, ids, probe, where)
             probe.synchronize()
             times.append(now() - t0)
         say("tracked step")
-        registered = _registered(built)
-        with probe.tracking(registered):
-            _train_step(built, s, ids, probe, fault)
+        with probe.tracking(_registered(built)):
+            _train_step(built, s, ids, probe, where, fault)
         tracked = probe.result(_optimizer_state(built.optimizer))
         step_time = sorted(times)[len(times) // 2]
         tokens = s.training.batch_size * s.training.seq_len * s.training.grad_accum_steps
@@ -194,16 +197,13 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
         record["measured"] = {"device": device, "peak_bytes": tracked.peak_bytes, "peak_phase": tracked.peak_phase,
                               "breakdown": tracked.breakdown, "phases": phases, "step_time_s": step_time,
                               "step_times_s": times, "tokens_per_s": tokens / step_time}
-        phase = "checks"
+        where["phase"] = "checks"
         say("checks")
         record["checks"].update(_merge_checks(built, s, ids, probe))
     except (torch.OutOfMemoryError, MemoryError, SimulatedOOM) as e:
-        oom_phase = getattr(probe, "phase", None) if phase not in ("build", "checks") else phase
-        if probe.device == "cpu" and probe.tracker is not None and phase not in ("build", "checks"):
-            oom_phase = probe.tracker.phase
-        record.update(status="oom", error={"phase": _phase_name(oom_phase, phase), "message": str(e)[:500]})
+        record.update(status="oom", error={"phase": where["phase"], "message": str(e)[:500]})
     except Exception as e:  # any other failure is a result too; the next variant runs
-        record.update(status="error", error={"phase": phase, "message": f"{type(e).__name__}: {e}"[:2000],
+        record.update(status="error", error={"phase": where["phase"], "message": f"{type(e).__name__}: {e}"[:2000],
                                              "traceback": traceback.format_exc()[-4000:]})
     finally:
         extra = probe.finish()
@@ -216,12 +216,6 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
         if device == "cuda":
             torch.cuda.empty_cache()
     return record
-
-
-def _phase_name(tracked_phase, outer_phase) -> str:
-    if tracked_phase in ("forward", "backward", "optimizer"):
-        return tracked_phase
-    return outer_phase
 
 
 def _registered(built) -> dict[str, list]:
