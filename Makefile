@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test gate baseline clean
 
 $(BIN)/peftprof: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,15 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The project's own memory gate: shipped scenarios against the committed baseline of their estimates.
+gate: setup
+	$(BIN)/peftprof estimate scenarios/*.toml --format json > .current-estimates.json
+	$(BIN)/peftprof gate .current-estimates.json --baseline benchmarks/baseline/estimates.json --exact
+	rm -f .current-estimates.json
+
+baseline: setup
+	$(BIN)/peftprof estimate scenarios/*.toml --format json > benchmarks/baseline/estimates.json
 
 clean:
 	rm -rf $(VENV) reports/*.html reports/*.jsonl .peftprof-cache

@@ -327,6 +327,62 @@ def report(results, output, fmt):
     click.echo(f"report: {write_report(results, out, fmt)}")
 
 
+@cli.command()
+@click.argument("current", nargs=-1, required=True)
+@click.option("--baseline", required=True, help="Baseline results: a file or a directory of them.")
+@click.option("--tolerance", default="2%", show_default=True, help="Allowed peak growth: '2%' or 0.02.")
+@click.option("--budget", default=None, help="Fail any variant needing more than this, e.g. 24GiB.")
+@click.option("--gpu", "gpu_name", default=None, help="Budget = this catalogue GPU's memory.")
+@click.option("--metric", type=click.Choice(["estimated", "measured"]), default="estimated", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
+@click.option("--strict", is_flag=True, help="Added or removed variants fail too.")
+@click.option("--exact", is_flag=True, help="Any change at all fails (baselines updated on purpose only).")
+@click.option("--update", is_flag=True, help="Write CURRENT as the new baseline (atomically) and say what changed.")
+@user_errors
+def gate(current, baseline, tolerance, budget, gpu_name, metric, fmt, strict, exact, update):
+    """Fail (exit 1) when peak memory regressed against a baseline or exceeds a budget.
+
+    \b
+    Example:
+      peftprof estimate scenarios/*.toml --format json > current.json
+      peftprof gate current.json --baseline benchmarks/baseline/estimates.json --tolerance 2% --gpu RTX-4090
+    """
+    from . import gate as gate_mod
+    from .textfmt import parse_fraction, parse_size
+
+    try:
+        tol = parse_fraction(tolerance)
+    except ValueError as e:
+        raise UserError(f"--tolerance: {e}") from None
+    if budget is not None and gpu_name is not None:
+        raise UserError("--budget and --gpu: give one of them")
+    limit = None
+    if budget is not None:
+        try:
+            limit = parse_size(budget)
+        except ValueError as e:
+            raise UserError(f"--budget: {e}") from None
+    elif gpu_name is not None:
+        limit = _gpu(gpu_name).memory_bytes
+    cur = gate_mod.load(list(current), "CURRENT")
+    if update and not Path(baseline).exists():
+        gate_mod.update_baseline(cur, baseline)
+        click.echo(f"baseline {baseline} created with {len(cur)} variants")
+        return
+    base = gate_mod.load([baseline], "BASELINE")
+    diffs = gate_mod.compare(cur, base, tolerance=tol, budget=limit, metric=metric,
+                             current_path=", ".join(current), baseline_path=baseline)
+    click.echo(gate_mod.render(diffs, fmt, tolerance=tol, strict=strict, exact=exact))
+    if update:
+        if Path(baseline).is_dir():
+            raise UserError(f"--update: {baseline} is a directory; give the baseline file")
+        gate_mod.update_baseline(cur, baseline)
+        changed = [d for d in diffs if d.status != "ok" or d.categories]
+        click.echo(f"baseline {baseline} updated: {len(changed)} of {len(diffs)} variants changed", err=fmt == "json")
+        return
+    sys.exit(1 if gate_mod.failed(diffs, strict, exact) else 0)
+
+
 def main() -> None:
     cli(prog_name="peftprof")
 
