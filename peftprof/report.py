@@ -43,12 +43,18 @@ def fitting_gpus(r: dict) -> list[str]:
 
     est = r["estimate"]
     need = (_measured(r) or {}).get("peak_bytes") or est.get("device_bytes") or est["peak_bytes"]
-    return [g.name for g in gpus().values() if g.memory_bytes >= need]
+    return [g.name for g in sorted(gpus().values(), key=lambda g: g.memory_bytes) if g.memory_bytes >= need]
+
+
+def _fits_label(names: list[str]) -> str:
+    if not names:
+        return "none"
+    return names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
     rows = []
-    for r in records:
+    for i, r in enumerate(records):
         m = _measured(r) or {}
         err = error_pct(r)
         status = r.get("status", "estimate")
@@ -56,7 +62,7 @@ def summary_rows(records: list[dict]) -> list[dict]:
             status += f" ({r['error'].get('phase')})"
         est = r["estimate"]
         rows.append({
-            "variant": r["variant"], "status": status,
+            "#": i + 1, "variant": r["variant"], "status": status,
             "estimated_gib": round(est["peak_bytes"] / GIB, 3),
             "measured_gib": None if not m else round(m["peak_bytes"] / GIB, 3),
             "error_pct": None if err is None else round(err, 2),
@@ -64,24 +70,36 @@ def summary_rows(records: list[dict]) -> list[dict]:
             "predicted_tokens_per_s": None if est.get("predicted_tokens_per_s") is None
             else round(est["predicted_tokens_per_s"], 1),
             "trainable_params": est.get("n_trainable_params"),
-            "fits": ", ".join(fitting_gpus(r)),
+            "fits": _fits_label(fitting_gpus(r)),
         })
     return rows
+
+
+MAX_FULL_LABELS = 12  # more variants than this are labelled #1, #2, ... (the summary's # column); hover names them
+
+
+def _labels(records) -> list[str]:
+    if len(records) <= MAX_FULL_LABELS:
+        return [r["variant"] for r in records]
+    return [f"#{i + 1}" for i in range(len(records))]
 
 
 def _fig_breakdown(records):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    names = [r["variant"] for r in records]
+    names = _labels(records)
+    hover = [r["variant"] for r in records]
     for cat in CATEGORIES:
         fig.add_bar(name=f"{cat} (estimated)", x=names, y=[_gib(r["estimate"]["breakdown"].get(cat, 0)) for r in records],
-                    marker_color=COLORS[cat], offsetgroup="estimate", legendgroup=cat)
+                    marker_color=COLORS[cat], offsetgroup="estimate", legendgroup=cat, hovertext=hover)
         if any(_measured(r) and _measured(r).get("breakdown") for r in records):
             fig.add_bar(name=f"{cat} (measured)", x=names,
                         y=[_gib(((_measured(r) or {}).get("breakdown") or {}).get(cat)) for r in records],
-                        marker_color=COLORS[cat], marker_pattern_shape="/", offsetgroup="measured", legendgroup=cat)
-    for gb in GPU_LINES_GB:
+                        marker_color=COLORS[cat], marker_pattern_shape="/", offsetgroup="measured", legendgroup=cat,
+                        hovertext=hover)
+    top = max(max(r["estimate"]["peak_bytes"], (_measured(r) or {}).get("peak_bytes") or 0) for r in records) / GIB
+    for gb in [g for g in GPU_LINES_GB if g * 1e9 / GIB <= 2 * top]:  # lines far above the bars would flatten them
         fig.add_hline(y=gb * 1e9 / GIB, line_dash="dot", line_color="#888", annotation_text=f"{gb} GB",
                       annotation_position="top left")
     fig.update_layout(barmode="relative", yaxis_title="GiB", height=520, title="Peak memory by category: "
@@ -131,13 +149,16 @@ def _fig_sweeps(records):
             ov = r["scenario"]["overrides"]
             label = ", ".join(f"{a}={json.dumps(ov.get(a))}" for a in others) or "all"
             groups.setdefault(f"{r['scenario'].get('scenario', '')} {label}", []).append(r)
-        for label, rs in groups.items():
+        palette = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d", "#ff9da6")
+        for n, (label, rs) in enumerate(groups.items()):
+            color = palette[n % len(palette)]
             xs = [json.dumps(r["scenario"]["overrides"].get(axis)) for r in rs]
             mem = [_gib((_measured(r) or {}).get("peak_bytes") or r["estimate"]["peak_bytes"]) for r in rs]
             tps = [(_measured(r) or {}).get("tokens_per_s") or r["estimate"].get("predicted_tokens_per_s") for r in rs]
-            fig.add_scatter(x=xs, y=mem, mode="lines+markers", name=label, legendgroup=label, row=1, col=1)
+            fig.add_scatter(x=xs, y=mem, mode="lines+markers", name=label, legendgroup=label, line_color=color,
+                            row=1, col=1)
             fig.add_scatter(x=xs, y=tps, mode="lines+markers", name=label, legendgroup=label, showlegend=False,
-                            row=1, col=2)
+                            line_color=color, row=1, col=2)
         fig.update_layout(title=f"Along {axis} (measured where available, else estimated)", height=420)
         figs.append((axis, fig))
     return figs
@@ -157,11 +178,12 @@ def _fig_timeline(records):
 
 
 def _figure_html(fig, div_id: str) -> str:
+    """A plot container and its spec. Plots are drawn when they come near the viewport, and all of them
+    right after the load event, so the page is usable as soon as the first screen is drawn."""
     import plotly.io as pio
 
     spec = pio.to_json(fig, validate=False)  # plotly escapes "<" as \u003c
-    return (f'<div id="{div_id}" class="plot"></div><script>(function(){{var f={spec};'
-            f'Plotly.newPlot("{div_id}",f.data,f.layout,{{responsive:true,displaylogo:false}});}})();</script>')
+    return f'<div id="{div_id}" class="plot"></div><script>FIGS["{div_id}"]={spec};</script>'
 
 
 def _table_html(rows: list[dict], table_id: str) -> str:
@@ -189,18 +211,31 @@ def check_rows(records) -> list[dict]:
     return out
 
 
+RENDER_JS = """var FIGS={};function drawPlot(el){var f=FIGS[el.id];if(!f||el.dataset.drawn)return;el.dataset.drawn=1;
+Plotly.newPlot(el,f.data,f.layout,{responsive:true,displaylogo:false});}
+function drawAll(){document.querySelectorAll('.plot').forEach(drawPlot);}
+document.addEventListener('DOMContentLoaded',function(){var els=document.querySelectorAll('.plot');
+if(!('IntersectionObserver' in window)){drawAll();return;}
+var io=new IntersectionObserver(function(es){es.forEach(function(e){if(e.isIntersecting){drawPlot(e.target);io.unobserve(e.target);}});},{rootMargin:'200px'});
+els.forEach(function(el){io.observe(el);});});
+window.addEventListener('load',function(){setTimeout(drawAll,0);});"""
 SORT_JS = """function sortTable(id,col){var t=document.getElementById(id),b=t.tBodies[0],rows=Array.from(b.rows);
 var asc=t.dataset.col==col&&t.dataset.dir!='asc';t.dataset.col=col;t.dataset.dir=asc?'asc':'desc';
 rows.sort(function(a,c){var x=a.cells[col].textContent,y=c.cells[col].textContent,nx=parseFloat(x),ny=parseFloat(y);
 var r=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return asc?r:-r;});rows.forEach(function(r){b.appendChild(r);});}"""
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}th{cursor:pointer;background:#f4f4f4}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}th{cursor:pointer;background:#f4f4f4}
 td:first-child{text-align:left}footer{margin-top:3em;font-size:12px;color:#666}.plot{margin:1em 0}"""
 
 
-def render_html(records: list[dict], title: str) -> str:
-    from plotly.offline import get_plotlyjs
+def plotly_js() -> str:
+    """plotly.js basic bundle shipped in peftprof/data/plotly (see its README for why not the full one)."""
+    from importlib import resources
 
+    return resources.files("peftprof").joinpath("data", "plotly", "plotly-basic.min.js").read_text(encoding="utf-8")
+
+
+def render_html(records: list[dict], title: str) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>"]
     descriptions = dict.fromkeys((r.get("scenario") or {}).get("description", "") for r in records)
     parts += [f"<p>{html.escape(d)}</p>" for d in descriptions if d]
@@ -218,7 +253,7 @@ def render_html(records: list[dict], title: str) -> str:
         f"{k} {v}" for k, v in prov[0].items() if k in ("peftprof", "python", "torch", "transformers", "peft",
                                                         "bitsandbytes", "device", "device_name", "commit", "time"))
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style><script>{get_plotlyjs()}</script><script>{SORT_JS}</script></head><body>"
+            f"<style>{CSS}</style><script>{plotly_js()}</script><script>{SORT_JS}{RENDER_JS}</script></head><body>"
             + "\n".join(parts) + f"<footer>Provenance: {html.escape(footer)}</footer></body></html>")
 
 
