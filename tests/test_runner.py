@@ -71,6 +71,27 @@ def test_estimate_tracks_measurement_on_the_matrix(matrix_records):
     assert abs(worst[1]) < 0.05, worst
 
 
+def test_trace_equals_measurement_on_every_cpu_combination(matrix_records):
+    """issue 5: trace peak within 0.5% of the CPU runner's tensor-level peak, each category within 1% or 1 MiB,
+    for each method, precision (int4 excepted: quanto cannot quantize meta tensors), policy, optimizer and
+    attention implementation."""
+    from peftprof.trace import trace_peak
+
+    variants = {v.name: v for v in load_scenario(ROOT / "tests/scenarios/cpu-methods.toml")
+                + load_scenario(ROOT / "tests/scenarios/cpu-training.toml")}
+    n = 0
+    for rec in matrix_records:
+        v = variants[rec["variant"]]
+        if v.precision.weights == "int4":
+            continue
+        traced, measured = trace_peak(v), rec["measured"]
+        assert abs(traced["peak_bytes"] - measured["peak_bytes"]) <= 0.005 * measured["peak_bytes"], v.name
+        for cat, real in measured["breakdown"].items():
+            assert abs(traced["breakdown"][cat] - real) <= max(0.01 * real, 1 << 20), (v.name, cat)
+        n += 1
+    assert n == 70
+
+
 def test_measured_weights_and_optimizer_equal_real_tensors():
     (s,) = load_scenario_text(TINY)
     rec = run_variant(s, device="cpu")
@@ -207,3 +228,26 @@ def test_cuda_request_without_cuda_is_exit_2(tmp_path):
     result = CliRunner().invoke(cli, ["run", str(scen), "--device", "cuda", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output == "error: --device: device cuda requested but torch sees no CUDA device\n"
+
+
+def test_estimate_method_trace_cli_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTPROF_CACHE", str(tmp_path / "cache"))
+    import importlib
+
+    import peftprof.trace as trace_mod
+
+    importlib.reload(trace_mod)
+    scen = tmp_path / "tiny.toml"
+    scen.write_text(TINY)
+    result = CliRunner().invoke(cli, ["estimate", str(scen), "--method", "trace", "--format", "json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (est,) = json.loads(result.output)
+    assert est["estimate"]["method"] == "trace"
+    assert sum(est["estimate"]["breakdown"].values()) == est["estimate"]["peak_bytes"]
+    assert len(list((tmp_path / "cache" / "trace").glob("*.json"))) == 1  # cached by resolved variant
+    rec = run_variant(load_scenario(scen)[0], device="cpu")
+    assert est["estimate"]["peak_bytes"] == rec["measured"]["peak_bytes"]
+    scen.write_text(TINY.replace('weights = "fp32"', 'weights = "int4"\ncompute_dtype = "fp32"'))
+    result = CliRunner().invoke(cli, ["estimate", str(scen), "--method", "trace"])
+    assert result.exit_code == 2
+    assert "--method trace does not support int4" in result.output

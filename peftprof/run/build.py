@@ -6,7 +6,6 @@ The runner and the trace estimator share this code.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -200,25 +199,23 @@ def model_bytes(model, extra=()) -> int:
     return tensor_bytes(list(model.parameters()) + list(model.buffers()) + list(extra))
 
 
-def build(s: Scenario, device: str, *, seed: int | None = None, init_context=None) -> Built:
-    """Construct everything for one variant on `device` ('cpu' or 'cuda')."""
-    import peft
+def base_model(s: Scenario, device: str):
+    """transformers model from config with random weights on `device` ('cpu', 'cuda' or 'meta'), in the
+    weights dtype (the compute dtype for quantized kinds, which are quantized from it)."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(s.run.seed if seed is None else seed)
     p = s.precision
     dtype = TORCH_DTYPES[p.weights] if not p.is_quantized else TORCH_DTYPES[p.compute_dtype]
-    build_device = "cpu" if p.weights in ("int8", "fp4", "nf4") else device
-    with torch.device(build_device), (init_context or contextlib.nullcontext()):
-        model = AutoModelForCausalLM.from_config(hf_config(s), dtype=dtype)
-    quant_tensors, error = [], None
-    if p.weights in ("int8", "fp4", "nf4"):
-        quant_tensors, error = quantize_bnb(model, s, device)
-        model.to(device)
-    elif p.weights == "int4":
-        error = quantize_int4(model, s)
-        quant_tensors = quanto_constants(model)
-    base_bytes = model_bytes(model, quant_tensors)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf_config(s), dtype=dtype)
+
+
+def adapt(model, s: Scenario):
+    """What follows quantization, shared by the runner and the trace: k-bit preparation, the
+    checkpointing policy, and the PEFT wrap (or every parameter trainable for full fine-tuning)."""
+    import peft
+
+    p = s.precision
     if p.weights == "int4":
         prepare_quanto_for_training(model)
     elif p.is_quantized:
@@ -228,8 +225,24 @@ def build(s: Scenario, device: str, *, seed: int | None = None, init_context=Non
     if s.peft.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
-    else:
-        model = peft.get_peft_model(model, _peft_config(s))
+        return model
+    return peft.get_peft_model(model, _peft_config(s))
+
+
+def build(s: Scenario, device: str, *, seed: int | None = None) -> Built:
+    """Construct everything for one variant on `device` ('cpu' or 'cuda')."""
+    torch.manual_seed(s.run.seed if seed is None else seed)
+    p = s.precision
+    model = base_model(s, "cpu" if p.weights in ("int8", "fp4", "nf4") else device)
+    quant_tensors, error = [], None
+    if p.weights in ("int8", "fp4", "nf4"):
+        quant_tensors, error = quantize_bnb(model, s, device)
+        model.to(device)
+    elif p.weights == "int4":
+        error = quantize_int4(model, s)
+        quant_tensors = quanto_constants(model)
+    base_bytes = model_bytes(model, quant_tensors)
+    model = adapt(model, s)
     wrapped_bytes = model_bytes(model, quant_tensors)
     optimizer = make_optimizer(s, model.parameters())
     return Built(model=model, optimizer=optimizer, quant_tensors=quant_tensors, quantization_error=error,

@@ -1,0 +1,303 @@
+"""Trace estimator: run the real training step (transformers + peft + bitsandbytes, the runner's own
+construction and step code) on fake tensors and track every allocation. Exact tensor-level peaks for any
+model size, on a CPU, with almost no memory.
+
+Route (shared/facts.md): build on the meta device, quantize with stand-in bitsandbytes layers that hold the
+same tensors (Params4bit cannot wrap a fake tensor), wrap with peft, then replace every parameter and
+buffer in place by a fake CPU tensor (nn.Module.to() refuses fake parameters) and run a warm-up step and
+a tracked step under FakeTensorMode. CUDA terms (cuBLAS workspace, allocator rounding, context) come from
+the analytic model: fake CUDA tensors with SDPA abort a CPU-only torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+from .catalog import Gpu
+from .errors import UserError
+from .settings import Scenario
+
+CACHE_DIR = Path(os.environ.get("PEFTPROF_CACHE", ".peftprof-cache")) / "trace"
+
+
+def _stand_in_classes():
+    """bitsandbytes layer classes whose tensors are plain registered buffers (fakeable). They subclass the
+    real ones so peft picks the same adapter layer (peft/tuners/lora/bnb.py, which e.g. clones the 4-bit
+    output) and run the same kernels through the same autograd functions."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import QuantState
+
+    class WeightInfo:
+        """What peft reads from `base_layer.weight` (device, dtype, quant settings): no storage."""
+
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class TracedLinear4bit(bnb.nn.Linear4bit):
+        def __init__(self, in_f, out_f, bias, compute_dtype, quant_type, double_quant, block):
+            torch.nn.Module.__init__(self)
+            self.in_features, self.out_features = in_f, out_f
+            self.compute_dtype, self.compute_type_is_set, self.quant_storage = compute_dtype, True, torch.uint8
+            self.support_avx512bf16_for_cpu = False
+            n = in_f * out_f
+            n_blocks = math.ceil(n / block)
+            meta = torch.device("meta")
+            self.register_buffer("packed", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=meta))
+            self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=meta))
+            if double_quant:  # functional.quantize_4bit with compress_statistics
+                self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.uint8, device=meta))
+                self.register_buffer("absmax2", torch.empty(math.ceil(n_blocks / 256), dtype=torch.float32, device=meta))
+                self.register_buffer("code2", torch.empty(256, dtype=torch.float32, device=meta))
+                self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=meta))
+            else:
+                self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.float32, device=meta))
+            self.double_quant, self.quant_type, self.block = double_quant, quant_type, block
+            self.bias = torch.nn.Parameter(torch.empty(out_f, dtype=compute_dtype, device=meta),
+                                           requires_grad=False) if bias else None
+            self.weight = WeightInfo(device=meta, dtype=torch.uint8, compress_statistics=double_quant,
+                                     quant_type=quant_type, shape=torch.Size([(n + 1) // 2, 1]))
+
+        def quant_state(self):
+            state2 = None
+            if self.double_quant:
+                state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=256, dtype=torch.float32)
+            return QuantState(absmax=self.absmax, shape=torch.Size([self.out_features, self.in_features]),
+                              code=self.code, blocksize=self.block, quant_type=self.quant_type,
+                              dtype=self.compute_dtype, offset=getattr(self, "offset", None), state2=state2)
+
+        def forward(self, x):  # bitsandbytes nn/modules.py Linear4bit.forward, training path
+            inp_dtype = x.dtype
+            x = x.to(self.compute_dtype)
+            bias = self.bias
+            if bias is not None:
+                if bias.dtype != x.dtype:
+                    bias.data = bias.data.to(x.dtype)
+                bias = bias.to(self.compute_dtype)
+            return bnb.matmul_4bit(x, self.packed, bias=bias, quant_state=self.quant_state()).to(inp_dtype)
+
+    class TracedLinear8bitLt(bnb.nn.Linear8bitLt):
+        def __init__(self, in_f, out_f, bias):
+            torch.nn.Module.__init__(self)
+            self.in_features, self.out_features = in_f, out_f
+            meta = torch.device("meta")
+            self.register_buffer("cb", torch.empty(out_f, in_f, dtype=torch.int8, device=meta))
+            self.register_buffer("scb", torch.empty(out_f, dtype=torch.float32, device=meta))
+            self.bias = torch.nn.Parameter(torch.empty(out_f, dtype=torch.float16, device=meta),
+                                           requires_grad=False) if bias else None
+            self.state = bnb.MatmulLtState()
+            self.state.has_fp16_weights = False
+            self.index = None
+            self.weight = WeightInfo(device=meta, dtype=torch.int8)
+
+        def forward(self, x):  # bitsandbytes Linear8bitLt.forward with CB/SCB moved into the state
+            self.state.is_training = self.training
+            self.state.CB, self.state.SCB = self.cb, self.scb
+            if self.bias is not None and self.bias.dtype != x.dtype:
+                self.bias.data = self.bias.data.to(x.dtype)
+            return bnb.matmul(x, self.cb, bias=self.bias, state=self.state)
+
+    return TracedLinear4bit, TracedLinear8bitLt
+
+
+def _quantize_on_meta(model, s: Scenario) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from .run.build import TORCH_DTYPES, _quantizable
+
+    Traced4, Traced8 = _stand_in_classes()
+    p = s.precision
+    for name, mod in _quantizable(model):
+        out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if isinstance(mod, Conv1D) else mod.weight.shape
+        bias = mod.bias is not None
+        if p.weights == "int8":
+            new = Traced8(in_f, out_f, bias)
+        else:
+            new = Traced4(in_f, out_f, bias, TORCH_DTYPES[p.compute_dtype], p.weights, p.double_quant,
+                          p.quant_block_size)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.is_loaded_in_8bit = p.weights == "int8"
+    model.is_loaded_in_4bit = p.weights != "int8"
+
+
+def _fake_in_place(model, fake_mode) -> None:
+    """Replace every parameter and buffer by a fake CPU tensor of the same shape and dtype (shared ones
+    stay shared). Fake tensors carry no data: nothing is allocated."""
+    import torch
+
+    memo: dict[int, tuple] = {}  # id(original) -> (original, fake); originals kept so ids stay unique
+
+    def empty_fake(t):
+        with fake_mode:
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu")
+
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                if id(p) not in memo:
+                    memo[id(p)] = (p, torch.nn.Parameter(empty_fake(p), requires_grad=p.requires_grad))
+                mod._parameters[name] = memo[id(p)][1]
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                if id(b) not in memo:
+                    memo[id(b)] = (b, empty_fake(b))
+                mod._buffers[name] = memo[id(b)][1]
+
+
+@contextlib.contextmanager
+def _mask_decisions_as_in_real_runs(s: Scenario):
+    """transformers treats fake tensors as graph tracing (utils/import_utils.py is_tracing) and then
+    materialises the causal mask that a real run skips (masking_utils.find_packed_sequence_indices and
+    _ignore_causal_mask_sdpa), which changes what SDPA saves. Our synthetic batches are never padded nor
+    packed and start at cache position 0 (after the prefix for prefix tuning), so decide with those known
+    values, as the real run does."""
+    import transformers.masking_utils as mu
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original, original_packed = mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices
+    q_offset_value = s.peft.num_virtual_tokens if s.peft.method == "prefix_tuning" else 0
+
+    def decide(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+        if isinstance(padding_mask, FakeTensor):
+            padding_mask = None  # all ones: decides like no mask
+        if isinstance(q_offset, FakeTensor):
+            q_offset = q_offset_value
+        return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
+
+    def packed(position_ids):
+        return None if isinstance(position_ids, FakeTensor) else original_packed(position_ids)
+
+    mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices = decide, packed
+    try:
+        yield
+    finally:
+        mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices = original, original_packed
+
+
+def trace_peak(s: Scenario) -> dict:
+    """Tensor-level peak and breakdown of a steady-state step, traced on fake tensors (CPU semantics)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .run.build import adapt, base_model, make_optimizer, model_bytes
+    from .run.runner import _optimizer_state, _registered, _train_step
+    from .run.track import MemoryTracker
+
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
+    warnings.filterwarnings("ignore", category=UserWarning)  # e.g. "Paged optimizers are not supported on CPU"
+    if s.precision.weights == "int4":
+        raise UserError(f"{s.name}: --method trace does not support int4 (optimum-quanto cannot quantize meta "
+                        "tensors); use --method analytic")
+    model = base_model(s, "meta")
+    if s.precision.weights in ("int8", "fp4", "nf4"):
+        _quantize_on_meta(model, s)
+    with torch.device("meta"):
+        model = adapt(model, s)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # peft keeps real prompt_tokens; bnb real code maps
+    _fake_in_place(model, fake_mode)
+
+    class Built:  # what _train_step and _registered read
+        pass
+
+    built = Built()
+    built.model = model
+    built.quant_tensors = [b for m in model.modules() if type(m).__name__.startswith("Traced")
+                           for n, b in m.named_buffers(recurse=False) if n not in ("packed", "cb")]  # those are weights
+    model.train()
+    # outside fake mode: bitsandbytes builds its real 256-entry quantization maps here (.item() calls)
+    built.optimizer = make_optimizer(s, model.parameters())
+    with fake_mode, _mask_decisions_as_in_real_runs(s):
+        ids = torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len))
+
+        class NoProbe:
+            def set_phase(self, phase):
+                if tracker is not None:
+                    tracker.phase = phase
+
+            def mark_gradients(self, grads):
+                if tracker is not None:
+                    tracker.mark(grads, "gradients")
+
+        tracker = None
+        probe = NoProbe()
+        for _ in range(max(1, s.run.warmup_steps)):
+            _train_step(built, s, ids, probe, {})
+        tracker = MemoryTracker(vocab_size=s.model.arch.vocab_size)
+        registered = _registered(built)
+        registered["weights"] += [b for m in model.modules() if type(m).__name__.startswith("Traced")
+                                  for n, b in m.named_buffers(recurse=False) if n in ("packed", "cb")]
+        for category, tensors in registered.items():
+            tracker.register(tensors, category)
+        with tracker:
+            _train_step(built, s, ids, probe, {})
+        result = tracker.classify(_optimizer_state(built.optimizer))
+    return {"peak_bytes": result.peak_bytes, "peak_phase": result.peak_phase, "breakdown": result.breakdown,
+            "phase_peaks": result.phase_peaks, "wrapped_bytes": model_bytes(model, built.quant_tensors)}
+
+
+def _cache_key(s: Scenario) -> str:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    import hashlib
+
+    versions = f"{__version__}-{torch.__version__}-{transformers.__version__}-{peft.__version__}-{bitsandbytes.__version__}"
+    return f"{s.settings_key()}-{hashlib.sha256(versions.encode()).hexdigest()[:8]}"
+
+
+def cached_trace_peak(s: Scenario) -> dict:
+    """trace_peak, cached on disk by the resolved variant and library versions."""
+    from .results import write_atomic
+
+    path = CACHE_DIR / f"{_cache_key(s)}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    out = trace_peak(s)
+    try:
+        write_atomic(path, json.dumps(out))
+    except OSError:
+        pass  # a read-only checkout still traces, just without the cache
+    return out
+
+
+def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = None, mfu: float | None = None) -> dict:
+    """Same structure as the analytic estimate, with method 'trace': the traced CPU peak plus, for CUDA,
+    the analytic device terms (cuBLAS workspace; reserved and device bytes)."""
+    from .estimate import CUDA_CUBLAS_WORKSPACE_BYTES, estimate
+    from .estimate.flops import DEFAULT_MFU
+
+    device = device or ("cuda" if s.run.device == "auto" else s.run.device)
+    analytic = estimate(s, device=device, gpu=gpu, mfu=mfu or DEFAULT_MFU)
+    traced = cached_trace_peak(s)
+    breakdown = dict(traced["breakdown"])
+    breakdown["overhead"] = CUDA_CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0
+    # the trace follows CPU semantics, where paged optimizer states are plain tensors; on CUDA they live
+    # in unified memory outside torch's allocator (analytic paged_optimizer_bytes)
+    breakdown["optimizer"] = max(0, breakdown["optimizer"] - analytic["paged_optimizer_bytes"])
+    peak = sum(breakdown.values())
+    out = dict(analytic, method="trace", peak_bytes=peak, peak_phase=traced["peak_phase"], breakdown=breakdown)
+    if device == "cuda":
+        from .estimate import CUDA_CONTEXT_BYTES, CUDA_RESERVED_FACTOR, CUDA_SEGMENT_BYTES, _round_up
+
+        out["reserved_bytes"] = _round_up(peak * CUDA_RESERVED_FACTOR, CUDA_SEGMENT_BYTES)
+        out["device_bytes"] = out["reserved_bytes"] + CUDA_CONTEXT_BYTES
+    if gpu is not None:
+        need = out.get("device_bytes", peak)
+        out.update(fits=need <= gpu.memory_bytes, headroom_bytes=gpu.memory_bytes - need)
+    return out
