@@ -109,6 +109,10 @@ class Arch:
     n_norms_per_layer: int
     final_norm: bool
     n_position_embeddings: int  # learned absolute positions (gpt2, opt); 0 for rotary
+    # dropout active in training with the transformers config defaults (not settable here):
+    # gpt2 resid/embd/attn_pdrop 0.1; opt dropout 0.1, attention_dropout 0; llama family all 0
+    resid_dropout: bool = False
+    attn_dropout: bool = False
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -163,7 +167,7 @@ def build_arch(cfg: dict) -> Arch:
                     head_dim=h // n_heads, intermediate_size=inner, vocab_size=cfg["vocab_size"],
                     max_positions=cfg["n_positions"], tied_embeddings=cfg["tie_word_embeddings"], embed_dim=h,
                     norm="layer", gated_mlp=False, layer_linears=linears, model_linears=(), n_norms_per_layer=2,
-                    final_norm=True, n_position_embeddings=cfg["n_positions"])
+                    final_norm=True, n_position_embeddings=cfg["n_positions"], resid_dropout=True, attn_dropout=True)
     if mt == "opt":
         h, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         if h % n_heads:
@@ -186,7 +190,7 @@ def build_arch(cfg: dict) -> Arch:
                     max_positions=cfg["max_position_embeddings"], tied_embeddings=cfg["tie_word_embeddings"],
                     embed_dim=embed_dim, norm="layer", gated_mlp=False, layer_linears=linears,
                     model_linears=model_linears, n_norms_per_layer=2, final_norm=cfg["do_layer_norm_before"],
-                    n_position_embeddings=cfg["max_position_embeddings"] + 2)
+                    n_position_embeddings=cfg["max_position_embeddings"] + 2, resid_dropout=True)
     # llama family: llama, mistral, qwen2, gemma (transformers/models/<type>/modeling_<type>.py)
     h, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads") or n_heads

@@ -44,15 +44,20 @@ def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], int, 
     # gradients of earlier micro-batches persist through later ones; in a single micro-batch none exist
     # yet at the start of backward (zero_grad(set_to_none=True)), measured on CPU
     grads_live = grads if s.training.grad_accum_steps > 1 else 0
-    activations = act_mod.activation_bytes(s)
+    activations = act_mod.activation_bytes(s, device)
     logits = act_mod.logits_bytes(s)
     # 1. start of backward: every saved activation and the loss's logits copies
     backward = {"gradients": grads_live, "activations": activations, "logits": logits, "temporaries": 0}
     # 2. inside the backward of some decoder layer (logits gone, the model's logits still held)
-    late = act_mod.layer_backward_peak(s, grads, grads_live)
-    # 3. optimizer step: all gradients and the optimizer's temporaries
+    late = act_mod.layer_backward_peak(s, grads, grads_live, device)
+    # 3. end of backward, full fine-tuning with tied embeddings: the embedding's gradient is computed and
+    # added to lm_head's (AccumulateGrad), two vocab x hidden temporaries beside all other gradients
+    end = {"gradients": grads, "activations": 0, "logits": act_mod.held_logits_bytes(s),
+           "temporaries": 2 * mem.embedding_weight_elements(s) * mem.trainable_bytes_per_element(s)
+           if s.peft.method == "full" and s.model.arch.tied_embeddings else 0}
+    # 4. optimizer step: all gradients and the optimizer's temporaries
     step = {"gradients": grads, "activations": 0, "logits": 0, "temporaries": mem.optimizer_temporary_bytes(s)}
-    candidates = [("backward", backward), ("backward", late), ("optimizer", step)]
+    candidates = [("backward", backward), ("backward", late), ("backward", end), ("optimizer", step)]
     phase, varying = max(candidates, key=lambda c: sum(c[1].values()))
     breakdown = {c: int({**persistent, **varying}[c]) for c in CATEGORIES}
     return breakdown, paged, phase

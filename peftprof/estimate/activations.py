@@ -17,7 +17,14 @@ def tokens_per_micro_batch(s: Scenario) -> int:
     return s.training.batch_size * (s.training.seq_len + extra)
 
 
-def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: int, act: int) -> dict[str, int]:
+def dropout_mask_bytes_per_element(s: Scenario, device: str) -> int:
+    """What dropout saves per element: CUDA's fused native_dropout keeps a bool mask; the CPU kernel
+    (aten/native/Dropout.cpp) draws the mask with empty_like(input).bernoulli_, in the input's dtype."""
+    return 1 if device == "cuda" else activation_bytes_per_element(s)
+
+
+def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: int, act: int,
+                  device: str = "cpu") -> dict[str, int]:
     """Tensors saved around one linear layer (frozen or trainable base, LoRA or IA3 adapter)."""
     saved: dict[str, int] = {}
     m, p = s.peft, s.precision
@@ -33,7 +40,7 @@ def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: i
         # peft/tuners/lora/layer.py: x cast to the fp32 adapter dtype, dropout, lora_A, lora_B
         if m.dropout > 0:
             saved[f"{tag}.dropout_out"] = FP32 * T * spec.in_features
-            saved[f"{tag}.dropout_mask"] = 1 * T * spec.in_features
+            saved[f"{tag}.dropout_mask"] = (1 if device == "cuda" else FP32) * T * spec.in_features
         elif act == FP32:
             saved[in_key] = act * T * spec.in_features  # the cast is a no-op: lora_A saves x itself
         else:
@@ -42,13 +49,29 @@ def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: i
     else:
         # peft/tuners/ia3/layer.py: feed-forward modules scale the input (saves x), others the output
         if any(matches_target(spec.path, t) for t in m.feedforward_targets(s.model.arch)):
-            saved[in_key] = act * T * spec.in_features
+            if act == FP32:
+                saved[in_key] = act * T * spec.in_features
+            else:  # x.to(fp32 adapter dtype) before the scaling: the mul saves that copy
+                saved[f"{tag}.x_fp32"] = FP32 * T * spec.in_features
         else:
             saved[f"{tag}.base_out"] = act * T * spec.out_features
     return saved
 
 
-def activation_bytes_per_layer(s: Scenario) -> int:
+def activation_bytes_per_layer(s: Scenario, device: str = "cpu") -> int:
+    return sum(layer_saves(s, device).values())
+
+
+MLP_KEYS = ("post_attention_layernorm", "ln_2", "final_layer_norm", "x2", "gate", "act_out", "up", "mlp_mid",
+            "gelu", "relu_out", "mlp.", "fc1", "fc2", "down", "resid_drop2")
+
+
+def mlp_saved_bytes(s: Scenario, device: str = "cpu") -> int:
+    """The part of a layer's saved tensors that belongs to its second half (norm 2 and the MLP)."""
+    return sum(v for k, v in layer_saves(s, device).items() if k.startswith(MLP_KEYS))
+
+
+def layer_saves(s: Scenario, device: str = "cpu") -> dict[str, int]:
     """Bytes saved for backward by one decoder layer without checkpointing.
 
     llama family (transformers modeling_llama.py): RMSNorm computes in fp32 and saves its fp32 input and
@@ -80,18 +103,27 @@ def activation_bytes_per_layer(s: Scenario) -> int:
             saved[f"{tag}.mean_rstd"] = 2 * FP32 * T
 
     def linear(name: str, in_key: str, out_key: str) -> None:
-        saved.update(_linear_saves(s, lin[name], in_key, out_key, T, act))
+        saved.update(_linear_saves(s, lin[name], in_key, out_key, T, act, device))
+
+    mask = dropout_mask_bytes_per_element(s, device)
 
     def attention(k_repeat: bool) -> None:
         k_size = q_dim if k_repeat else kv_dim
         saved["q"] = act * T * q_dim
         saved["k"] = act * T_kv * k_size
         saved["v"] = act * T_kv * k_size
+        probs = b * a.n_heads * s_q * s_kv
+        if a.attn_dropout and (s.training.attention == "eager" or device != "cuda"):
+            # attention dropout in training: eager, and SDPA on CPU (its math fallback) save the softmax
+            # output, the dropout mask and the dropped probabilities (+ scaled q/k copies: the keys above)
+            saved["softmax"] = act * probs
+            saved["attn_dropout_mask"] = mask * probs
+            saved["dropped_probs"] = act * probs
+            return
         if s.training.attention == "sdpa":
             saved["attn_out"] = act * T * q_dim
             saved["attn_lse"] = FP32 * b * a.n_heads * s_q
         else:
-            probs = b * a.n_heads * s_q * s_kv
             saved["softmax_fp32"] = FP32 * probs
             if act != FP32:
                 saved["probs"] = act * probs
@@ -101,26 +133,27 @@ def activation_bytes_per_layer(s: Scenario) -> int:
         linear("attn.c_attn", "x1", "qkv")
         attention(False)
         linear("attn.c_proj", "o_in", "o_out")
-        saved["resid_drop1"] = T * a.hidden_size
+        saved["resid_drop1"] = mask * T * a.hidden_size
         norm("ln_2")
         linear("mlp.c_fc", "x2", "fc")
-        # NewGELUActivation (transformers activations.py) is 0.5*x*(1+tanh(c*(x+0.044715*x^3))): its python
-        # ops save x, x^2 (for pow), the inner sum, tanh output and the (1+tanh) factor
-        saved["gelu"] = 5 * act * T * a.intermediate_size
+        # NewGELUActivation (transformers activations.py) is 0.5*x*(1+tanh(c*(x+0.044715*x^3))): pow saves
+        # x, tanh its output, the last mul both factors (0.5*x and 1+tanh); its output is saved by the next
+        # linear only if that needs it (mlp_mid below). Measured on CPU.
+        saved["gelu"] = 4 * act * T * a.intermediate_size
         linear("mlp.c_proj", "mlp_mid", "mlp_out")
-        saved["resid_drop2"] = T * a.hidden_size
+        saved["resid_drop2"] = mask * T * a.hidden_size
     elif a.model_type == "opt":
         norm("self_attn_layer_norm")
         for n in ("q_proj", "k_proj", "v_proj"):
             linear(n, "x1", n)
         attention(False)
         linear("out_proj", "o_in", "o_out")
-        saved["resid_drop1"] = T * a.hidden_size
+        saved["resid_drop1"] = mask * T * a.hidden_size
         norm("final_layer_norm")
         linear("fc1", "x2", "fc1")
         saved["relu_out"] = act * T * a.intermediate_size  # relu saves its output
         linear("fc2", "relu_out", "fc2")
-        saved["resid_drop2"] = T * a.hidden_size
+        saved["resid_drop2"] = mask * T * a.hidden_size
     else:
         norm("input_layernorm")
         for n in ("q_proj", "k_proj", "v_proj"):
@@ -135,15 +168,24 @@ def activation_bytes_per_layer(s: Scenario) -> int:
         saved["act_out"] = act * T * i  # act(gate) * up saves both factors
         saved["up"] = act * T * i
         linear("down_proj", "mlp_mid", "down")
-    return sum(saved.values())
+    return saved
 
 
-def checkpoint_bytes_per_layer(s: Scenario) -> int:
-    """A checkpointed layer keeps only its input hidden states (torch.utils.checkpoint)."""
-    return activation_bytes_per_element(s) * tokens_per_micro_batch(s) * s.model.arch.hidden_size
+def checkpoint_bytes_per_layer(s: Scenario, device: str = "cpu") -> int:
+    """A checkpointed layer keeps only its input hidden states (torch.utils.checkpoint, non-reentrant)...
+    except on int8 bases: bitsandbytes' MatMul8bitFp keeps its input as a ctx attribute (ctx.A), which
+    checkpointing's saved-tensor hooks never see, so each int8 linear's input stays alive (measured)."""
+    a = s.model.arch
+    act = activation_bytes_per_element(s)
+    T = tokens_per_micro_batch(s)
+    kept = act * T * a.hidden_size
+    if s.precision.weights == "int8":
+        # distinct inputs: attention input (q/k/v share it), o_proj's, MLP input (shared), down/fc2's
+        kept += act * T * (2 * a.hidden_size + a.n_heads * a.head_dim + a.intermediate_size)
+    return kept
 
 
-def model_activation_bytes(s: Scenario) -> int:
+def model_activation_bytes(s: Scenario, device: str = "cpu") -> int:
     """Saved outside the decoder layers: the final norm's input (as in `norm` above) and, for rotary models,
     the cos/sin tables every layer's rotary muls save (transformers LlamaRotaryEmbedding, shared by layers)."""
     a = s.model.arch
@@ -154,20 +196,22 @@ def model_activation_bytes(s: Scenario) -> int:
         total += FP32 * T * a.hidden_size + FP32 * T if a.norm == "rms" else act * T * a.hidden_size + 2 * FP32 * T
     if a.n_position_embeddings == 0:
         total += 2 * act * T * a.head_dim
+    if a.resid_dropout:  # embedding dropout (gpt2 embd_pdrop, opt dropout) saves its mask
+        total += dropout_mask_bytes_per_element(s, device) * T * a.hidden_size
     return total
 
 
-def activation_bytes(s: Scenario) -> int:
+def activation_bytes(s: Scenario, device: str = "cpu") -> int:
     """Saved activations at the start of backward: every k-th layer checkpointed (k = checkpoint_every)
     keeps only its input, the others everything, plus the model-level tensors."""
     n = s.model.arch.n_layers
     k = s.training.checkpoint_every
-    per_layer = activation_bytes_per_layer(s)
+    per_layer = activation_bytes_per_layer(s, device)
     n_ckpt = len(range(0, n, k)) if k else 0
-    return n_ckpt * checkpoint_bytes_per_layer(s) + (n - n_ckpt) * per_layer + model_activation_bytes(s)
+    return n_ckpt * checkpoint_bytes_per_layer(s) + (n - n_ckpt) * per_layer + model_activation_bytes(s, device)
 
 
-def layer_backward_peak(s: Scenario, grads: int, grads_live: int) -> dict[str, int]:
+def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = "cpu") -> dict[str, int]:
     """The largest moment inside a decoder layer's backward, scanning layers from last to first. At layer
     i: gradients of lm_head and of layers above i (full fine-tuning: per-layer parameter gradients
     accumulate as backward goes down; the untied embedding's comes last), saved tensors of layers 0..i
@@ -183,28 +227,42 @@ def layer_backward_peak(s: Scenario, grads: int, grads_live: int) -> dict[str, i
         per_layer_params = sum(x.n_weight_params + (x.out_features if x.bias else 0) for x in a.layer_linears)
         per_layer_params += a.hidden_size * (2 if a.norm == "layer" else 1) * a.n_norms_per_layer
         per_layer_grad = per_layer_params * trainable_bytes_per_element(s)
-    top_grads = grads - n * per_layer_grad - embedding_gradient_bytes(s) if full else grads
-    per_layer, ckpt = activation_bytes_per_layer(s), checkpoint_bytes_per_layer(s)
+    if full:
+        top_grads = grads - n * per_layer_grad - embedding_gradient_bytes(s)
+    elif s.peft.method in ("lora", "ia3"):  # adapters sit in every layer; their gradients arrive layer by layer
+        per_layer_grad = grads // n
+        top_grads = grads - n * per_layer_grad
+    else:  # prompt/prefix: the one trainable tensor gets its gradient after every layer's backward
+        top_grads = 0
+    per_layer, ckpt = activation_bytes_per_layer(s, device), checkpoint_bytes_per_layer(s)
     held = [ckpt if k and i % k == 0 else per_layer for i in range(n)]
     common = {"logits": held_logits_bytes(s), "temporaries": 0}
     best: dict[str, int] = {}
     below = sum(held)
+    mlp = mlp_saved_bytes(s, device)
     for i in range(n - 1, -1, -1):
         g = top_grads + (n - 1 - i) * per_layer_grad if s.training.grad_accum_steps == 1 else grads
-        temps = (per_layer if k and i % k == 0 else 0) + backward_temporary_bytes(s)
-        cand = {**common, "gradients": max(g, grads_live), "activations": below + model_activation_bytes(s),
-                "temporaries": temps}
-        if sum(cand.values()) > sum(best.values()):
-            best = cand
+        ckpt_i = bool(k) and i % k == 0
+        model_level = model_activation_bytes(s, device)
+        # start of the layer's backward (MLP first): the whole layer saved (recomputed if checkpointed)
+        start = {**common, "gradients": max(g, grads_live), "activations": below + model_level,
+                 "temporaries": (per_layer if ckpt_i else 0) + backward_temporary_bytes(s)}
+        # inside attention's backward: the layer's MLP part is freed
+        attn = {**common, "gradients": max(g, grads_live),
+                "activations": below - (0 if ckpt_i else mlp) + model_level,
+                "temporaries": (per_layer - mlp if ckpt_i else 0) + attention_backward_temporary_bytes(s)}
+        for cand in (start, attn):
+            if sum(cand.values()) > sum(best.values()):
+                best = cand
         below -= held[i]
     return best
 
 
-def recompute_bytes(s: Scenario) -> int:
+def recompute_bytes(s: Scenario, device: str = "cpu") -> int:
     """During backward a checkpointed layer is recomputed: one layer's activations live again (after the
     logits' gradients are freed), on top of the checkpoints (torch.utils.checkpoint, non-reentrant).
     They are made and freed within backward, so they count as temporaries."""
-    return activation_bytes_per_layer(s) if s.training.checkpoint_every else 0
+    return activation_bytes_per_layer(s, device) if s.training.checkpoint_every else 0
 
 
 def logits_bytes(s: Scenario) -> int:
@@ -239,3 +297,19 @@ def backward_temporary_bytes(s: Scenario) -> int:
     a = s.model.arch
     return activation_bytes_per_element(s) * tokens_per_micro_batch(s) * a.intermediate_size + \
         dequantized_weight_bytes(s)
+
+
+def attention_backward_temporary_bytes(s: Scenario) -> int:
+    """Transients inside attention's backward (the MLP's saved tensors already freed). Eager: the gradient
+    of the probabilities and softmax's fp32 input gradient, both b*heads*s*s_kv; SDPA: the q, k, v
+    gradients. Measured on CPU."""
+    a = s.model.arch
+    act = activation_bytes_per_element(s)
+    b = s.training.batch_size
+    T = tokens_per_micro_batch(s)
+    s_kv = T // b + (s.peft.num_virtual_tokens if s.peft.method == "prefix_tuning" else 0)
+    if s.training.attention == "eager":
+        return (act + FP32) * b * a.n_heads * (T // b) * s_kv + dequantized_weight_bytes(s)
+    return act * (T * a.n_heads * a.head_dim + 2 * b * s_kv * a.n_kv_heads * a.head_dim) + dequantized_weight_bytes(s)
+
+

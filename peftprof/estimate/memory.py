@@ -209,3 +209,7 @@ def optimizer_temporary_bytes(s: Scenario) -> int:
     if s.training.optimizer != "adamw":
         return 0
     return 2 * max(trainable_tensors(s), default=0) * trainable_bytes_per_element(s)
+
+
+def embedding_weight_elements(s: Scenario) -> int:
+    return s.model.arch.vocab_size * s.model.arch.embed_dim

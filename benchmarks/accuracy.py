@@ -1,0 +1,264 @@
+"""Accuracy and speed benchmark: analytic and trace estimates against CPU measurements of real training.
+
+    .venv/bin/python benchmarks/accuracy.py [--n 60] [--seed 0] [--no-run] [--out benchmarks/results]
+
+Generates scenarios from a seed (architectures shaped like llama MHA/GQA, mistral, qwen2, gpt2, opt; every
+PEFT method, precision, checkpointing policy, attention and optimizer), trains each for real on CPU with
+the runner, and compares the analytic and trace estimates with the measured tensor-level peak, in total
+and per category. Writes accuracy.md (tables), accuracy.jsonl (runner records with both estimates) and
+accuracy.html (the reporter) under --out. `--no-run` compares analytic against trace only (fast; the trace
+equals the CPU measurement, tests/test_runner.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CATEGORIES = ("weights", "quant_constants", "trainable", "gradients", "optimizer", "activations", "logits",
+              "temporaries")
+MAX_TOKEN_PARAMS = 1.5e10  # tokens per step x parameters: keeps one CPU step to a few seconds on 2 cores
+
+
+def _arch(rng: random.Random) -> tuple[str, str, int]:
+    """(TOML model lines, family, parameter count estimate, layers)."""
+    family = rng.choice(["llama", "llama-gqa", "mistral", "qwen2", "gpt2", "opt"])
+    hidden = rng.choice([64, 128, 256, 384, 512, 768, 1024])
+    head_dim = rng.choice([32, 64]) if hidden >= 128 else 32
+    heads = hidden // head_dim
+    layers = rng.randint(1, 8)
+    vocab = rng.randint(1000, 50000)
+    inter = rng.choice([2, 3, 4]) * hidden + rng.choice([0, 32, 64])
+    params = layers * 12 * hidden * hidden + 2 * vocab * hidden
+    if family == "gpt2":
+        text = f'model_type = "gpt2"\nn_embd = {hidden}\nn_layer = {layers}\nn_head = {heads}\nvocab_size = {vocab}\n' \
+               f'n_positions = 1024\n'
+    elif family == "opt":
+        text = (f'model_type = "opt"\nhidden_size = {hidden}\nnum_hidden_layers = {layers}\nnum_attention_heads = {heads}\n'
+                f'ffn_dim = {4 * hidden}\nvocab_size = {vocab}\nmax_position_embeddings = 1024\n'
+                f'do_layer_norm_before = {str(rng.random() < 0.7).lower()}\n')
+    else:
+        kv = heads if family == "llama" else max(1, heads // rng.choice([2, 4]) if heads % 4 == 0 else heads)
+        model_type = "llama" if family.startswith("llama") else family
+        tied = str(rng.random() < 0.3).lower()
+        text = (f'model_type = "{model_type}"\nhidden_size = {hidden}\nnum_hidden_layers = {layers}\n'
+                f'num_attention_heads = {heads}\nnum_key_value_heads = {kv}\nintermediate_size = {inter}\n'
+                f'vocab_size = {vocab}\nmax_position_embeddings = 1024\ntie_word_embeddings = {tied}\n')
+    return text, family, params, layers
+
+
+def generate(n: int, seed: int) -> list[tuple[str, str]]:
+    """n (name, TOML text) scenarios that run on CPU, reproducible from the seed."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        model, family, params, layers = _arch(rng)
+        method = rng.choice(["lora", "lora", "ia3", "prompt_tuning", "prefix_tuning", "full"])
+        weights = rng.choice(["fp32", "bf16"]) if method == "full" else rng.choice(
+            ["fp32", "bf16", "int8", "int4", "fp4", "nf4"])
+        policy = "none" if method == "prefix_tuning" else rng.choice(["none", "full", "every_2"])
+        if policy == "every_2" and layers < 2:
+            policy = "full"
+        batch, seq = rng.choice([1, 2, 4, 8]), rng.choice([16, 32, 64, 128, 256, 512, 1024])
+        while batch * seq > 2048 or batch * seq * params > MAX_TOKEN_PARAMS:
+            if batch > 1:
+                batch //= 2
+            else:
+                seq //= 2
+        if seq < 16:
+            continue
+        lines = [f"[model]\n{model}", "[precision]", f'weights = "{weights}"']
+        if weights not in ("fp32", "bf16"):
+            lines.append(f'compute_dtype = "{rng.choice(["fp32", "bf16"])}"')
+        if weights in ("fp4", "nf4"):
+            lines.append(f"double_quant = {str(rng.random() < 0.5).lower()}")
+        lines += ["[peft]", f'method = "{method}"']
+        if method == "lora":
+            lines += [f"r = {rng.choice([1, 2, 4, 8, 16, 32, 64, 128])}", f"alpha = {rng.choice([8, 16, 32])}",
+                      f"dropout = {rng.choice([0.0, 0.0, 0.05, 0.1])}"]
+            if rng.random() < 0.5:
+                lines.append('target_modules = "all-linear"')
+        if method in ("prompt_tuning", "prefix_tuning"):
+            lines.append(f"num_virtual_tokens = {rng.choice([5, 10, 20])}")
+            if method == "prompt_tuning" and seq + 20 > 1024:
+                seq = 512
+        lines += ["[training]", f"batch_size = {batch}", f"seq_len = {seq}",
+                  f'optimizer = "{rng.choice(["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"])}"',
+                  f'gradient_checkpointing = "{policy}"', f'attention = "{rng.choice(["sdpa", "eager"])}"',
+                  "[run]", 'device = "cpu"', "steps = 1", "warmup_steps = 1"]
+        name = f"acc{len(out):03d}-{family}-{method}-{weights}"
+        out.append((name, f'name = "{name}"\n' + "\n".join(lines) + "\n"))
+    return out
+
+
+def load(name: str, text: str, tmp: Path):
+    from peftprof.scenario import load_scenario
+
+    path = tmp / f"{name}.toml"
+    path.write_text(text)
+    (s,) = load_scenario(path)
+    return s
+
+
+def rel(a: float, b: float) -> float:
+    return (a - b) / b if b else 0.0
+
+
+def summarise(values: list[float]) -> str:
+    if not values:
+        return "- | - | -"
+    v = sorted(abs(x) for x in values)
+    p90 = v[min(len(v) - 1, int(round(0.9 * (len(v) - 1))))]
+    return f"{statistics.median(v) * 100:.2f}% | {p90 * 100:.2f}% | {v[-1] * 100:.2f}%"
+
+
+def speed_figures() -> list[str]:
+    """Analytic estimate of a 1,000-variant sweep; tracker overhead on a CPU training step."""
+    import tempfile
+
+    from peftprof.estimate import estimate
+    from peftprof.scenario import load_scenario
+
+    lines = []
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "sweep.toml").write_text('[model]\npreset = "llama-3-8b"\n[peft]\ntarget_modules = "all-linear"\n[sweep]\n'
+                                    '"peft.r" = [1,2,4,8,16,32,64,128,256,512]\n'
+                                    '"training.seq_len" = [128,256,512,1024,2048,3072,4096,5120,6144,8192]\n'
+                                    '"training.batch_size" = [1,2,3,4,5,6,7,8,9,10]\n')
+    t0 = time.perf_counter()
+    variants = load_scenario(tmp / "sweep.toml")
+    t1 = time.perf_counter()
+    for v in variants:
+        estimate(v, device="cuda")
+    t2 = time.perf_counter()
+    lines.append(f"- Analytic estimate of a {len(variants):,}-variant sweep: {t2 - t1:.3f} s "
+                 f"(+ {t1 - t0:.3f} s to load and validate the sweep); target < 1 s.")
+    lines += tracker_overhead()
+    return lines
+
+
+def tracker_overhead() -> list[str]:
+    """Step time with the tensor tracker against without it (CPU), on the quickstart's first variant."""
+    import torch
+
+    from peftprof.run.build import build
+    from peftprof.run.probe import CpuProbe
+    from peftprof.run.runner import _registered, _train_step
+    from peftprof.scenario import load_scenario
+
+    s = load_scenario(ROOT / "scenarios" / "quickstart.toml")[0]
+    built = build(s, "cpu")
+    ids = torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len))
+    probe = CpuProbe()
+    built.model.train()
+    for _ in range(2):
+        _train_step(built, s, ids, probe, {})
+    plain, tracked = [], []
+    for _ in range(5):
+        t = time.perf_counter()
+        _train_step(built, s, ids, probe, {})
+        plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with probe.tracking(_registered(built)):
+            _train_step(built, s, ids, probe, {})
+        tracked.append(time.perf_counter() - t)
+    probe.finish()
+    a, b = statistics.median(plain), statistics.median(tracked)
+    return [f"- Tracker overhead on CPU ({s.name}, median of 5): {a * 1000:.0f} ms/step without, {b * 1000:.0f} ms "
+            f"with: {(b / a - 1) * 100:+.1f}% (target <= 15%). CUDA overhead: not measured here (no GPU)."]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-run", action="store_true", help="analytic against trace only")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    import tempfile
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import peft
+    import torch
+    import transformers
+
+    from peftprof.estimate import estimate
+    from peftprof.results import write_atomic, write_jsonl
+    from peftprof.run.runner import run_variant
+    from peftprof.trace import trace_peak
+
+    out_dir = Path(args.out)
+    tmp = Path(tempfile.mkdtemp())
+    started = time.perf_counter()
+    rows, records = [], []
+    for i, (name, text) in enumerate(generate(args.n, args.seed)):
+        s = load(name, text, tmp)
+        analytic = estimate(s, device="cpu")
+        traced = None if s.precision.weights == "int4" else trace_peak(s)
+        if args.no_run:
+            measured = traced
+            rec = None
+        else:
+            rec = run_variant(s, device="cpu")
+            measured = rec["measured"] if rec["status"] == "ok" else None
+        row = {"variant": name, "method": s.peft.method, "weights": s.precision.weights, "status": rec["status"] if rec
+               else "traced", "analytic": analytic["peak_bytes"], "measured": measured and measured["peak_bytes"],
+               "trace": traced and traced["peak_bytes"]}
+        if measured:
+            row["analytic_err"] = rel(analytic["peak_bytes"], measured["peak_bytes"])
+            row["trace_err"] = None if traced is None else rel(traced["peak_bytes"], measured["peak_bytes"])
+            row["category_err"] = {c: (analytic["breakdown"][c] - measured["breakdown"].get(c, 0)) / measured["peak_bytes"]
+                                   for c in CATEGORIES}
+        rows.append(row)
+        if rec is not None:
+            rec["trace_estimate"] = traced
+            records.append(rec)
+        print(f"[{i + 1}/{args.n}] {name}: analytic {row.get('analytic_err', 0) * 100:+.2f}%"
+              + ("" if row.get("trace_err") is None else f", trace {row['trace_err'] * 100:+.3f}%"), file=sys.stderr)
+    elapsed = time.perf_counter() - started
+    ok = [r for r in rows if "analytic_err" in r]
+    lines = [f"# Estimator accuracy ({datetime.now(timezone.utc):%Y-%m-%d})", "",
+             f"`benchmarks/accuracy.py --n {args.n} --seed {args.seed}{' --no-run' if args.no_run else ''}`: "
+             f"{len(rows)} generated scenarios, {len(ok)} measured, in {elapsed / 60:.1f} min on "
+             f"{__import__('os').cpu_count()} cores. torch {torch.__version__}, transformers {transformers.__version__}, "
+             f"peft {peft.__version__}. Reference: {'the trace (equal to CPU measurements)' if args.no_run else 'the CPU runner tensor-level peak'}.",
+             "", "Error = (estimate - measured) / measured. Category errors are relative to the measured peak.", "",
+             "| | median | p90 | max |", "|---|---:|---:|---:|",
+             f"| analytic peak | {summarise([r['analytic_err'] for r in ok])} |",
+             f"| trace peak | {summarise([r['trace_err'] for r in ok if r.get('trace_err') is not None])} |"]
+    for c in CATEGORIES:
+        lines.append(f"| analytic {c} | {summarise([r['category_err'][c] for r in ok])} |")
+    for key in ("method", "weights"):
+        lines += ["", f"By {key} (analytic peak):", "", f"| {key} | n | median | p90 | max |", "|---|---:|---:|---:|---:|"]
+        for value in sorted({r[key] for r in ok}):
+            errs = [r["analytic_err"] for r in ok if r[key] == value]
+            lines.append(f"| {value} | {len(errs)} | {summarise(errs)} |")
+    lines += ["", "Per scenario:", "", "| variant | status | measured MiB | analytic | trace |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        m = "-" if not r["measured"] else f"{r['measured'] / 2**20:.1f}"
+        a = "-" if "analytic_err" not in r else f"{r['analytic_err'] * 100:+.2f}%"
+        t = "-" if r.get("trace_err") is None else f"{r['trace_err'] * 100:+.3f}%"
+        lines.append(f"| {r['variant']} | {r['status']} | {m} | {a} | {t} |")
+    lines += ["", "## Speed", ""] + speed_figures()
+    write_atomic(out_dir / "accuracy.md", "\n".join(lines) + "\n")
+    if records:
+        write_jsonl(out_dir / "accuracy.jsonl", records)
+        from peftprof.report import write_report
+
+        write_report([out_dir / "accuracy.jsonl"], out_dir / "accuracy.html")
+    print("\n".join(lines[:20 + 2 * len(CATEGORIES)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
