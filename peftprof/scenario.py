@@ -365,6 +365,10 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
         if seq + extra > a.max_positions:
             c.add("training", "seq_len", f"{seq}{f' + {extra} virtual tokens' if extra else ''} exceeds the "
                   f"model's max_position_embeddings {a.max_positions}", f"<= {a.max_positions - extra}")
+        if method == "prompt_tuning" and a.embed_dim != a.hidden_size:
+            c.add("peft", "method", f"peft sizes prompt embeddings by hidden_size {a.hidden_size}, but this "
+                  f"model's word embeddings are {a.embed_dim} wide (word_embed_proj_dim)",
+                  ", ".join(m for m in METHODS if m != "prompt_tuning"))
         if policy.startswith("every_") and int(policy[6:]) > a.n_layers:
             c.add("training", "gradient_checkpointing", f"{policy}: the model has only {a.n_layers} layers",
                   f"every_1 .. every_{a.n_layers}")

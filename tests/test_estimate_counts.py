@@ -8,6 +8,7 @@ import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+from peftprof.errors import UserError
 from peftprof.estimate import memory as mem
 from peftprof.scenario import load_scenario
 
@@ -57,9 +58,12 @@ def real_model(s, dtype=torch.float32):
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("arch", sorted(ARCHES))
 def test_trainable_and_total_counts_match_peft(write_scenario, arch, method):
-    if arch == "opt-proj" and method == "prompt":
-        pytest.skip("peft sizes OPT-350m-style prompts by hidden_size, which its 32-wide embeddings cannot take")
     text, make_config = METHODS[method]
+    if arch == "opt-proj" and method == "prompt":
+        # peft sizes prompts by hidden_size, which OPT-350m-style 32-wide embeddings cannot take: refused upfront
+        with pytest.raises(UserError, match="peft sizes prompt embeddings by hidden_size 64"):
+            scenario(write_scenario, ARCHES[arch], text)
+        return
     s = scenario(write_scenario, ARCHES[arch], text)
     with torch.device("meta"):
         model = real_model(s)

@@ -6,6 +6,7 @@ name so a tensor saved by two ops counts once. Bytes throughout.
 
 from __future__ import annotations
 
+import functools
 from ..arch import LinearSpec
 from ..settings import Scenario, matches_target
 from .memory import FP32, activation_bytes_per_element, compute_bytes_per_element, quantized_linears
@@ -72,6 +73,24 @@ def mlp_saved_bytes(s: Scenario, device: str = "cpu") -> int:
 
 
 def layer_saves(s: Scenario, device: str = "cpu") -> dict[str, int]:
+    return dict(_layer_saves(s.model.arch, s.precision, s.peft, s.training, device))
+
+
+@functools.lru_cache(maxsize=4096)  # sweeps re-ask for the same layer many times
+def _layer_saves(arch, precision, peft, training, device) -> tuple:
+    s = _Shim(arch, precision, peft, training)
+    return tuple(_compute_layer_saves(s, device).items())
+
+
+class _Shim:
+    """The parts of a Scenario the per-layer model reads (hashable pieces, for the cache)."""
+
+    def __init__(self, arch, precision, peft, training):
+        self.model = type("M", (), {"arch": arch})()
+        self.precision, self.peft, self.training = precision, peft, training
+
+
+def _compute_layer_saves(s, device: str) -> dict[str, int]:
     """Bytes saved for backward by one decoder layer without checkpointing.
 
     llama family (transformers modeling_llama.py): RMSNorm computes in fp32 and saves its fp32 input and
@@ -240,17 +259,18 @@ def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = 
     best: dict[str, int] = {}
     below = sum(held)
     mlp = mlp_saved_bytes(s, device)
+    model_level = model_activation_bytes(s, device)
+    mlp_temps, attn_temps = backward_temporary_bytes(s), attention_backward_temporary_bytes(s)
     for i in range(n - 1, -1, -1):
         g = top_grads + (n - 1 - i) * per_layer_grad if s.training.grad_accum_steps == 1 else grads
         ckpt_i = bool(k) and i % k == 0
-        model_level = model_activation_bytes(s, device)
         # start of the layer's backward (MLP first): the whole layer saved (recomputed if checkpointed)
         start = {**common, "gradients": max(g, grads_live), "activations": below + model_level,
-                 "temporaries": (per_layer if ckpt_i else 0) + backward_temporary_bytes(s)}
+                 "temporaries": (per_layer if ckpt_i else 0) + mlp_temps}
         # inside attention's backward: the layer's MLP part is freed
         attn = {**common, "gradients": max(g, grads_live),
                 "activations": below - (0 if ckpt_i else mlp) + model_level,
-                "temporaries": (per_layer - mlp if ckpt_i else 0) + attention_backward_temporary_bytes(s)}
+                "temporaries": (per_layer - mlp if ckpt_i else 0) + attn_temps}
         for cand in (start, attn):
             if sum(cand.values()) > sum(best.values()):
                 best = cand

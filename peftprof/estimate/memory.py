@@ -6,6 +6,7 @@ Sources are cited per formula. "autograd" means the tensors PyTorch's autograd s
 
 from __future__ import annotations
 
+import functools
 import math
 
 from ..arch import Arch, LinearSpec
@@ -96,19 +97,22 @@ def quanto_group_size(in_features: int, out_features: int) -> int:
 
 
 def trainable_tensors(s: Scenario) -> list[int]:
+    return list(_trainable_tensors(s.peft, s.model.arch))
+
+
+@functools.lru_cache(maxsize=4096)  # sweeps re-ask for the same (peft, arch) pair many times
+def _trainable_tensors(m, a) -> tuple[int, ...]:
     """Element counts of every trainable tensor, as peft creates them (LoRA A r x in and B out x r per
     targeted module; IA3 one vector per module, in_features for feed-forward ones, else out_features;
     prompt tuning n_virtual x hidden; prefix tuning n_virtual x n_layers*2*kv_dim; peft/tuners/*)."""
-    a = s.model.arch
-    m = s.peft
     if m.method == "full":
-        return _all_parameter_tensors(a)
+        return tuple(_all_parameter_tensors(a))
     if m.method == "lora":
         out = []
         for spec in m.targeted_linears(a):
             n_copies = a.n_layers if spec in a.layer_linears else 1
             out += [m.r * spec.in_features, spec.out_features * m.r] * n_copies
-        return out
+        return tuple(out)
     if m.method == "ia3":
         ff = m.feedforward_targets(a)
         out = []
@@ -116,11 +120,11 @@ def trainable_tensors(s: Scenario) -> list[int]:
             is_ff = any(matches_target(spec.path, t) for t in ff)
             n_copies = a.n_layers if spec in a.layer_linears else 1
             out += [spec.in_features if is_ff else spec.out_features] * n_copies
-        return out
+        return tuple(out)
     if m.method == "prompt_tuning":
-        return [m.num_virtual_tokens * a.hidden_size]
+        return (m.num_virtual_tokens * a.hidden_size,)
     # prefix tuning: peft sizes keys/values by num_key_value_heads * head_dim (GQA aware)
-    return [m.num_virtual_tokens * a.n_layers * 2 * a.n_kv_heads * a.head_dim]
+    return (m.num_virtual_tokens * a.n_layers * 2 * a.n_kv_heads * a.head_dim,)
 
 
 def _all_parameter_tensors(a: Arch) -> list[int]:
