@@ -35,14 +35,17 @@ def user_errors(fn):
 
 
 def _gpu(name: str | None):
-    if name is None:
-        return None
     from .catalog import gpu
 
+    return None if name is None else _parsed("--gpu", gpu, name)
+
+
+def _parsed(option: str, parse, value):
+    """Parse an option value; a ValueError becomes a one-line user error naming the option."""
     try:
-        return gpu(name)
+        return parse(value)
     except ValueError as e:
-        raise UserError(f"--gpu: {e}") from None
+        raise UserError(f"{option}: {e}") from None
 
 
 def _load(paths):
@@ -197,10 +200,7 @@ def fit(scenario, gpu_name, axis, headroom, device, method):
     from .textfmt import gib, parse_fraction, table
 
     gpu = _gpu(gpu_name)
-    try:
-        frac = parse_fraction(headroom)
-    except ValueError as e:
-        raise UserError(f"--headroom: {e}") from None
+    frac = _parsed("--headroom", parse_fraction, headroom)
     variants = _load([scenario])
     if method == "trace":
         from .trace import trace_estimate as fn
@@ -260,12 +260,7 @@ def run(scenarios, device, out_dir, steps, force, max_memory, no_report, quiet):
     """
     from .textfmt import parse_size
 
-    cap = None
-    if max_memory is not None:
-        try:
-            cap = parse_size(max_memory)
-        except ValueError as e:
-            raise UserError(f"--max-memory: {e}") from None
+    cap = None if max_memory is None else _parsed("--max-memory", parse_size, max_memory)
     variants = _load(scenarios)
     from .run.runner import resolve_device
     from .run.session import run_scenarios
@@ -350,18 +345,12 @@ def gate(current, baseline, tolerance, budget, gpu_name, metric, fmt, strict, ex
     from . import gate as gate_mod
     from .textfmt import parse_fraction, parse_size
 
-    try:
-        tol = parse_fraction(tolerance)
-    except ValueError as e:
-        raise UserError(f"--tolerance: {e}") from None
+    tol = _parsed("--tolerance", parse_fraction, tolerance)
     if budget is not None and gpu_name is not None:
         raise UserError("--budget and --gpu: give one of them")
     limit = None
     if budget is not None:
-        try:
-            limit = parse_size(budget)
-        except ValueError as e:
-            raise UserError(f"--budget: {e}") from None
+        limit = _parsed("--budget", parse_size, budget)
     elif gpu_name is not None:
         limit = _gpu(gpu_name).memory_bytes
     cur = gate_mod.load(list(current), "CURRENT")

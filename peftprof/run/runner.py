@@ -21,7 +21,6 @@ from .build import build
 from .probe import make_probe, now
 from .track import SimulatedOOM
 
-PHASE_ORDER = ("build", "wrap", "forward", "backward", "optimizer", "checks")
 
 
 class PhaseOOM(Exception):

@@ -1,0 +1,108 @@
+"""Activation, logits and FLOP terms against numbers counted by hand; fit's search; the estimate's shape."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from peftprof.catalog import gpu
+from peftprof.cli import cli
+from peftprof.estimate import CATEGORIES, activations as act, estimate
+from peftprof.estimate.flops import flops_per_step
+from peftprof.fit import largest_fitting
+from peftprof.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = '''[model]
+preset = "tiny-llama"
+[precision]
+weights = "fp32"
+[peft]
+r = 8
+target_modules = ["q_proj", "v_proj"]
+[training]
+batch_size = 2
+seq_len = 128
+'''
+
+
+@pytest.fixture
+def tiny(write_scenario):
+    (s,) = load_scenario(write_scenario(QUICK))
+    return s
+
+
+def test_activation_bytes_per_layer_by_hand(tiny):
+    # tiny llama fp32, b*s = T = 256 tokens, h = 256, 4 heads x 64, intermediate 688, LoRA r=8 on q,v, SDPA:
+    #   each RMSNorm: fp32 input 4*T*h = 262,144 + rsqrt 4*T = 1,024          -> 2 x 263,168
+    #   q/v LoRA (fp32, no dropout): lora_A saves x itself 4*T*h = 262,144 (shared) + A-outputs 2 x 4*T*8 = 16,384
+    #   SDPA: q, k, v, output 4 x 4*T*h = 1,048,576 + logsumexp 4*b*heads*s = 4,096
+    #   MLP: SiLU input, act*up's two factors 3 x 4*T*688 = 2,113,536
+    # total 3,971,072
+    assert act.activation_bytes_per_layer(tiny) == 3_971_072
+
+
+def test_logits_bytes_by_hand(tiny):
+    # T x vocab = 256 x 32,000; fp32 model: the held logits 4 B + log_softmax output 4 + nll_loss's input
+    # gradient 4 + log_softmax's input gradient 4 = 16 B per element = 131,072,000
+    assert act.logits_bytes(tiny) == 131_072_000
+
+
+def test_checkpointing_keeps_layer_inputs(write_scenario):
+    (s,) = load_scenario(write_scenario(QUICK + 'gradient_checkpointing = "full"\n'))
+    # a checkpointed layer keeps its fp32 input: 4 * 256 * 256 = 262,144 per layer
+    assert act.checkpoint_bytes_per_layer(s) == 262_144
+    # 4 layers + model-level (final norm 263,168 + rotary cos/sin 2 * 4 * 256 * 64 = 131,072)
+    assert act.activation_bytes(s) == 4 * 262_144 + 263_168 + 131_072
+
+
+def test_flops_by_hand(tiny):
+    # per token: frozen matmuls 2 x (4 layers x 790,528 + lm_head 8,192,000) = 22,708,224; LoRA 2 x 32,768 = 65,536;
+    # attention 4 x s 128 x 4 heads x 64 x 4 layers = 524,288. Forward 23,298,048; backward: input grads
+    # 22,773,760 + LoRA weight grads 65,536 + attention 2 x 524,288 = 23,887,872. x 256 tokens:
+    assert flops_per_step(tiny) == 256 * (23_298_048 + 23_887_872)
+
+
+def test_estimate_parts_add_up_and_gpu_fields(tiny):
+    e = estimate(tiny, device="cuda", gpu=gpu("T4"))
+    assert set(e["breakdown"]) == set(CATEGORIES)
+    assert sum(e["breakdown"].values()) == e["peak_bytes"]
+    assert e["reserved_bytes"] >= e["peak_bytes"] and e["device_bytes"] > e["reserved_bytes"]
+    assert e["fits"] and e["headroom_bytes"] == gpu("T4").memory_bytes - e["device_bytes"]
+    assert e["predicted_tokens_per_s"] == pytest.approx(256 / (e["flops_per_step"] / (65e12 * 0.35)))
+    cpu = estimate(tiny, device="cpu")
+    assert cpu["breakdown"]["overhead"] == 0 and "reserved_bytes" not in cpu
+
+
+def test_largest_fitting_is_the_boundary(tiny):
+    t4 = gpu("T4")
+    value, est = largest_fitting(tiny, t4, axis="batch_size", headroom=0.1,
+                                 estimate_fn=lambda s: estimate(s, device="cuda"))
+    budget = t4.memory_bytes * 0.9
+    assert est["device_bytes"] <= budget
+    import dataclasses
+
+    bigger = dataclasses.replace(tiny, training=dataclasses.replace(tiny.training, batch_size=value + 1))
+    assert estimate(bigger, device="cuda")["device_bytes"] > budget
+
+
+def test_fit_command_exit_codes(write_scenario):
+    ok = CliRunner().invoke(cli, ["fit", str(write_scenario(QUICK)), "--gpu", "T4", "--axis", "seq_len"])
+    assert ok.exit_code == 0 and "seq_len = 2048 fits T4" in ok.output  # capped by max_position_embeddings
+    big = write_scenario('[model]\npreset = "llama-2-70b"\n[precision]\nweights = "bf16"\n', name="big.toml")
+    no = CliRunner().invoke(cli, ["fit", str(big), "--gpu", "T4"])
+    assert no.exit_code == 1 and "does not fit T4 even at batch_size = 1" in no.output
+
+
+def test_estimate_json_shape():
+    out = CliRunner().invoke(cli, ["estimate", str(ROOT / "scenarios" / "qlora-7b.toml"), "--format", "json",
+                                   "--gpu", "RTX-4090"]).output
+    (rec,) = json.loads(out)
+    assert {"variant", "scenario", "estimate"} <= set(rec)
+    e = rec["estimate"]
+    assert {"method", "device", "peak_bytes", "breakdown", "n_params", "n_trainable_params", "flops_per_step",
+            "tokens_per_step", "gpu", "fits", "predicted_tokens_per_s"} <= set(e)
+    assert e["method"] == "analytic" and e["device"] == "cuda" and e["n_params"] == 6_738_415_616
+    csv = CliRunner().invoke(cli, ["estimate", str(ROOT / "scenarios" / "qlora-7b.toml"), "--format", "csv"]).output
+    assert csv.splitlines()[0].startswith("variant,peak GiB,weights,quant_constants")
