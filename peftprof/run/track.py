@@ -39,7 +39,7 @@ def storages_of(t: torch.Tensor) -> list:
     return [t.untyped_storage()]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Alloc:
     nbytes: int
     phase: str
@@ -125,8 +125,9 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
-            if torch.is_tensor(t):
-                is_logits = self.vocab_size is not None and t.dim() >= 2 and t.shape[-1] == self.vocab_size
+            if isinstance(t, torch.Tensor):
+                shape = t.shape
+                is_logits = len(shape) >= 2 and shape[-1] == self.vocab_size
                 for st in storages_of(t):
                     self._add(st, None, is_logits)
         return out
