@@ -13,7 +13,6 @@ equals the CPU measurement, tests/test_runner.py).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys

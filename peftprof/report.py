@@ -136,7 +136,6 @@ def _axes(records) -> list[str]:
 
 
 def _fig_sweeps(records):
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     figs = []

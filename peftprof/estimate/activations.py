@@ -101,7 +101,7 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
     """
     a = s.model.arch
     act = activation_bytes_per_element(s)
-    b, seq = s.training.batch_size, s.training.seq_len
+    b = s.training.batch_size
     T = tokens_per_micro_batch(s)
     s_q = T // b
     s_kv = s_q + (s.peft.num_virtual_tokens if s.peft.method == "prefix_tuning" else 0)

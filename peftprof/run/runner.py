@@ -8,7 +8,6 @@ import warnings
 import platform
 import socket
 import subprocess
-import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
