@@ -167,15 +167,20 @@ def make_optimizer(s: Scenario, params) -> torch.optim.Optimizer:
 
 
 def apply_checkpointing(model, s: Scenario) -> None:
-    """transformers' per-layer checkpointing (GradientCheckpointingLayer.gradient_checkpointing), non-reentrant;
-    every_k keeps it on layers 0, k, 2k, ..."""
+    """transformers' activation checkpointing, non-reentrant, on every k-th decoder layer (layers 0, k, 2k...):
+    `every_n_layers` on transformers that have it (modeling_utils.py _set_gradient_checkpointing), the same
+    per-layer flags set by hand on older ones."""
     k = s.training.checkpoint_every
     if not k:
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and type(m).__name__.endswith(
-        ("DecoderLayer", "Block"))]
-    for i, layer in enumerate(layers):
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=k)
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for i, layer in enumerate(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
         layer.gradient_checkpointing = i % k == 0
 
 
