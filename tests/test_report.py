@@ -11,23 +11,14 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from conftest import TINY_MODEL
+
 from peftprof.cli import cli
 from peftprof.report import plotly_js, render_html, render_markdown, write_report
 from peftprof.run.session import run_scenarios
 from peftprof.scenario import load_scenario
 
-TINY = '''name = "tiny"
-description = "two LoRA ranks"
-[model]
-model_type = "llama"
-hidden_size = 64
-num_hidden_layers = 2
-num_attention_heads = 4
-intermediate_size = 160
-vocab_size = 1000
-[precision]
-weights = "fp32"
-[training]
+TINY = 'name = "tiny"\ndescription = "two LoRA ranks"\n' + TINY_MODEL + '''[training]
 batch_size = 2
 seq_len = 16
 [run]

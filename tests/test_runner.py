@@ -8,6 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import TINY_MODEL
+
 from peftprof.cli import cli
 from peftprof.errors import UserError
 from peftprof.run import runner as runner_mod
@@ -17,16 +19,7 @@ from peftprof.run.session import run_scenarios
 from peftprof.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = '''[model]
-model_type = "llama"
-hidden_size = 64
-num_hidden_layers = 2
-num_attention_heads = 4
-intermediate_size = 160
-vocab_size = 1000
-[precision]
-weights = "fp32"
-[peft]
+TINY = TINY_MODEL + '''[peft]
 r = 4
 [training]
 batch_size = 2

@@ -6,7 +6,7 @@ from ..settings import Scenario
 from .activations import tokens_per_micro_batch
 from .memory import trainable_tensors
 
-DEFAULT_MFU = 0.35  # model-FLOPs utilisation assumed for PEFT steps; override with --mfu (see README)
+DEFAULT_MFU = 0.35  # assumed model-FLOPs utilisation of PEFT steps (not yet measured on a GPU); --mfu overrides
 
 
 def matmul_flops_per_token(s: Scenario) -> tuple[int, int]:
