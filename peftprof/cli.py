@@ -223,7 +223,7 @@ def fit(scenario, gpu_name, axis, headroom, device, method):
 
 
 def run_summary(records) -> str:
-    from .run.runner import measured_error
+    from .results import measured_error
     from .textfmt import gib, table
 
     rows = []

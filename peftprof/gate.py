@@ -6,11 +6,10 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
+from .estimate import CATEGORIES
 from .results import read_results, write_atomic
 
 GIB = 1 << 30
-CATEGORIES = ("weights", "quant_constants", "trainable", "gradients", "optimizer", "activations", "logits",
-              "temporaries", "overhead")
 
 
 @dataclass

@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .results import read_results, write_atomic
+from .estimate import CATEGORIES
+from .results import measured_error, read_results, write_atomic
 
-CATEGORIES = ("weights", "quant_constants", "trainable", "gradients", "optimizer", "activations", "logits",
-              "temporaries", "overhead")
 COLORS = dict(zip(CATEGORIES, ("#4c78a8", "#9ecae9", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b",
                                "#b279a2", "#9d755d")))
 GPU_LINES_GB = (16, 24, 40, 48, 80)
@@ -33,8 +32,8 @@ def _measured(r: dict) -> dict | None:
 
 
 def error_pct(r: dict) -> float | None:
-    m = _measured(r)
-    return None if m is None else (r["estimate"]["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"] * 100
+    err = measured_error(r)
+    return None if err is None else err * 100
 
 
 def fitting_gpus(r: dict) -> list[str]:

@@ -18,6 +18,14 @@ SCHEMA_VERSION = 1
 MAX_RESULTS_BYTES = 512 << 20
 
 
+def measured_error(record: dict) -> float | None:
+    """(estimated - measured) / measured peak of a runner record; None when it has no measurement."""
+    m = record.get("measured")
+    if not isinstance(m, dict) or not m.get("peak_bytes"):
+        return None
+    return (record["estimate"]["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"]
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from conftest import TINY_MODEL
 
 from peftprof.cli import cli
 from peftprof.errors import UserError
+from peftprof.results import measured_error
 from peftprof.run import runner as runner_mod
 from peftprof.run.build import build, tensor_bytes
 from peftprof.run.runner import run_variant
@@ -59,7 +60,7 @@ def test_every_method_precision_policy_and_optimizer_trains_on_cpu(matrix_record
 
 def test_estimate_tracks_measurement_on_the_matrix(matrix_records):
     # regression guard for the analytic model on tiny models; the full accuracy table is benchmarks/accuracy.py
-    errors = {r["variant"]: runner_mod.measured_error(r) for r in matrix_records}
+    errors = {r["variant"]: measured_error(r) for r in matrix_records}
     worst = max(errors.items(), key=lambda kv: abs(kv[1]))
     assert abs(worst[1]) < 0.05, worst
 

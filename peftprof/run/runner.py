@@ -22,12 +22,6 @@ from .track import SimulatedOOM
 
 
 
-class PhaseOOM(Exception):
-    def __init__(self, phase: str, message: str):
-        super().__init__(message)
-        self.phase, self.message = phase, message
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,11 +217,3 @@ def _registered(built) -> dict[str, list]:
     full = all(p.requires_grad for p in model.parameters())
     return {"quant_constants": built.quant_tensors, "weights": frozen + list(model.buffers()) + (trainable if full else []),
             "trainable": [] if full else trainable, "optimizer": _optimizer_state(built.optimizer)}
-
-
-def measured_error(record: dict) -> float | None:
-    m = record.get("measured")
-    if not m or not m.get("peak_bytes"):
-        return None
-    return (record["estimate"]["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"]
-

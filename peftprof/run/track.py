@@ -17,9 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
+from ..estimate import CATEGORIES
+
 PHASES = ("forward", "backward", "optimizer")
-CATEGORIES = ("weights", "quant_constants", "trainable", "gradients", "optimizer", "activations", "logits",
-              "temporaries", "overhead")
 
 
 class SimulatedOOM(MemoryError):
