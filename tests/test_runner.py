@@ -245,3 +245,17 @@ def test_estimate_method_trace_cli_and_cache(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["estimate", str(scen), "--method", "trace"])
     assert result.exit_code == 2
     assert "--method trace does not support int4" in result.output
+
+
+def test_tracker_counts_new_storages_once_and_not_views_or_in_place_results():
+    from peftprof.run.track import MemoryTracker
+
+    x = torch.zeros(256)  # made before tracking: 1,024 bytes nobody registered
+    with MemoryTracker() as tracker:
+        x.view(16, 16).add_(1)  # a view and an in-place op: no new storage
+        y = x * 2  # new: 1,024 bytes
+        halves = torch.zeros(64).split(32)  # zeros: new 256 bytes; split: views of it
+        del y
+    sizes = [tracker.allocs[uid].nbytes for uid, sign in tracker.events if sign == 1]
+    assert sorted(sizes) == [256, 1024]
+    assert tracker.live_bytes == 256 and len(halves) == 2  # y freed; the halves keep the zeros alive
