@@ -151,8 +151,9 @@ def speed_figures() -> list[str]:
     lines.append("- The runner times untracked steps and tracks one extra step, so measured tokens/s carry no "
                  "tracker overhead; the overhead is the tracked step's extra wall time. Python dispatch costs a fixed "
                  "time per aten op, so the overhead shrinks as ops grow: it matters only for toy models.")
-    lines.append("- CUDA overhead: not measured here (no GPU). On CUDA the runner reads the caching allocator's "
-                 "counters (no per-op Python), so its overhead is one synchronize per phase boundary and the NVML sampler thread.")
+    lines.append("- CUDA overhead: not measured here (no GPU); `benchmarks/gpu_check.sh` measures it. On CUDA the "
+                 "runner reads the caching allocator's counters (no per-op Python): one synchronize per phase "
+                 "boundary and the NVML sampler thread.")
     return lines
 
 
