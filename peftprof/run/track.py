@@ -125,8 +125,8 @@ class MemoryTracker(TorchDispatchMode):
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
-        # torch wraps every mode's __torch_dispatch__ in torch._disable_dynamo unless this says no; the tracked
-        # step is never compiled, and the wrapper cost ~3 us per op on the tiny CPU models of the benchmark
+        # torch wraps every mode's __torch_dispatch__ in torch._disable_dynamo unless this says no: a cost on
+        # every op, for nothing, since the tracked step is never compiled
         return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -135,24 +135,14 @@ class MemoryTracker(TorchDispatchMode):
         if fresh is None:
             # views and in-place ops return storages that already exist; the schema says so (alias_info)
             fresh = _FRESH[func] = any(r.alias_info is None for r in func._schema.returns)
-        if not fresh:
-            return out
-        if type(out) in _PLAIN:
-            self._add_output(out)
-        else:
+        if fresh:
             for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
-                    self._add_output(t)
+                    shape = t.shape
+                    is_logits = len(shape) >= 2 and shape[-1] == self.vocab_size
+                    for st in storages_of(t):
+                        self._add(st, None, is_logits)
         return out
-
-    def _add_output(self, t: torch.Tensor) -> None:
-        shape = t.shape
-        is_logits = len(shape) >= 2 and shape[-1] == self.vocab_size
-        if type(t) in _PLAIN:
-            self._add(t.untyped_storage(), None, is_logits)
-        else:
-            for st in storages_of(t):
-                self._add(st, None, is_logits)
 
     def classify(self, optimizer_state) -> TrackResult:
         """Name every allocation by what it became (see `mark`), then replay the timeline to find the peak."""
