@@ -29,7 +29,7 @@ MAX_TOKEN_PARAMS = 4e9  # tokens per step x parameters: keeps a real CPU run (st
 
 
 def _categories() -> tuple[str, ...]:
-    from peftprof.estimate import CATEGORIES
+    from peftprof.results import CATEGORIES
 
     return tuple(c for c in CATEGORIES if c != "overhead")  # no CUDA terms on CPU
 
@@ -169,7 +169,7 @@ def tracker_overhead(path, device: str = "cpu") -> list[str]:
 
     from peftprof.run.build import build
     from peftprof.run.probe import make_probe
-    from peftprof.run.runner import _registered, _train_step
+    from peftprof.run.step import registered_tensors, train_step
     from peftprof.scenario import load_scenario
 
     class EmptyMode(TorchDispatchMode):
@@ -193,7 +193,7 @@ def tracker_overhead(path, device: str = "cpu") -> list[str]:
         probe.synchronize()
         t = time.perf_counter()
         with context:
-            _train_step(built, s, ids, probe, {})
+            train_step(built, s, ids, probe, {})
         probe.synchronize()
         return time.perf_counter() - t
 
@@ -206,7 +206,7 @@ def tracker_overhead(path, device: str = "cpu") -> list[str]:
         mode = EmptyMode()
         times["empty"].append(timed(mode))
         n_ops = mode.n_ops
-        times["tracked"].append(timed(probe.tracking(_registered(built))))
+        times["tracked"].append(timed(probe.tracking(registered_tensors(built))))
     probe.finish()
 
     def paired(key: str) -> float:  # median of per-round ratios: robust to drift between rounds

@@ -134,7 +134,7 @@ def _estimates(paths, method, device, gpu_name, mfu):
 
 
 def estimate_rows(results) -> tuple[list[str], list[list]]:
-    from .estimate import CATEGORIES
+    from .results import CATEGORIES
     from .textfmt import gib
 
     with_gpu = any("gpu" in e for _, e in results)
@@ -195,7 +195,8 @@ def fit(scenario, gpu_name, axis, headroom, device, method):
     Example:
       peftprof fit scenarios/qlora-7b.toml --gpu RTX-4090 --axis seq_len --headroom 10%
     """
-    from .estimate import CATEGORIES, estimate as analytic
+    from .estimate import estimate as analytic
+    from .results import CATEGORIES
     from .fit import largest_fitting
     from .textfmt import gib, parse_fraction, table
 

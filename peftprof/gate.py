@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
-from .estimate import CATEGORIES
+from .results import CATEGORIES
 from .results import read_results, write_atomic
 
 GIB = 1 << 30

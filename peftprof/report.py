@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .estimate import CATEGORIES
+from .results import CATEGORIES
 from .results import measured_error, read_results, write_atomic
 
 COLORS = dict(zip(CATEGORIES, ("#4c78a8", "#9ecae9", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b",

@@ -15,6 +15,9 @@ from pathlib import Path
 from .errors import UserError
 
 SCHEMA_VERSION = 1
+# The memory categories of every breakdown (estimates and measurements); they add up to the peak.
+CATEGORIES = ("weights", "quant_constants", "trainable", "gradients", "optimizer", "activations", "logits",
+              "temporaries", "overhead")
 MAX_RESULTS_BYTES = 512 << 20
 
 

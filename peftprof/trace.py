@@ -107,11 +107,11 @@ def _stand_in_classes():
 def _quantize_on_meta(model, s: Scenario) -> None:
     from transformers.pytorch_utils import Conv1D
 
-    from .run.build import TORCH_DTYPES, _quantizable
+    from .run.build import TORCH_DTYPES, quantizable_linears
 
     Traced4, Traced8 = _stand_in_classes()
     p = s.precision
-    for name, mod in _quantizable(model):
+    for name, mod in quantizable_linears(model):
         out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if isinstance(mod, Conv1D) else mod.weight.shape
         bias = mod.bias is not None
         if p.weights == "int8":
@@ -185,7 +185,7 @@ def trace_peak(s: Scenario) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .run.build import adapt, base_model, make_optimizer, model_bytes
-    from .run.runner import _optimizer_state, _registered, _train_step
+    from .run.step import optimizer_state, registered_tensors, train_step
     from .run.track import MemoryTracker
 
     import logging
@@ -205,7 +205,7 @@ def trace_peak(s: Scenario) -> dict:
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # peft keeps real prompt_tokens; bnb real code maps
     _fake_in_place(model, fake_mode)
 
-    class Built:  # what _train_step and _registered read
+    class Built:  # what train_step and registered_tensors read
         pass
 
     built = Built()
@@ -230,16 +230,16 @@ def trace_peak(s: Scenario) -> dict:
         tracker = None
         probe = NoProbe()
         for _ in range(max(1, s.run.warmup_steps)):
-            _train_step(built, s, ids, probe, {})
+            train_step(built, s, ids, probe, {})
         tracker = MemoryTracker(vocab_size=s.model.arch.vocab_size)
-        registered = _registered(built)
+        registered = registered_tensors(built)
         registered["weights"] += [b for m in model.modules() if type(m).__name__.startswith("Traced")
                                   for n, b in m.named_buffers(recurse=False) if n in ("packed", "cb")]
         for category, tensors in registered.items():
             tracker.register(tensors, category)
         with tracker:
-            _train_step(built, s, ids, probe, {})
-        result = tracker.classify(_optimizer_state(built.optimizer))
+            train_step(built, s, ids, probe, {})
+        result = tracker.classify(optimizer_state(built.optimizer))
     return {"peak_bytes": result.peak_bytes, "peak_phase": result.peak_phase, "breakdown": result.breakdown,
             "phase_peaks": result.phase_peaks, "wrapped_bytes": model_bytes(model, built.quant_tensors)}
 
@@ -279,7 +279,7 @@ def cached_trace_peak(s: Scenario) -> dict:
 def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = None, mfu: float | None = None) -> dict:
     """Same structure as the analytic estimate, with method 'trace': the traced CPU peak plus, for CUDA,
     the analytic device terms (cuBLAS workspace; reserved and device bytes)."""
-    from .estimate import CUDA_CUBLAS_WORKSPACE_BYTES, estimate
+    from .estimate import CUDA_CUBLAS_WORKSPACE_BYTES, cuda_reserved_and_device_bytes, estimate
     from .estimate.flops import DEFAULT_MFU
 
     device = device or ("cuda" if s.run.device == "auto" else s.run.device)
@@ -293,10 +293,7 @@ def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = 
     peak = sum(breakdown.values())
     out = dict(analytic, method="trace", peak_bytes=peak, peak_phase=traced["peak_phase"], breakdown=breakdown)
     if device == "cuda":
-        from .estimate import CUDA_CONTEXT_BYTES, CUDA_RESERVED_FACTOR, CUDA_SEGMENT_BYTES, _round_up
-
-        out["reserved_bytes"] = _round_up(peak * CUDA_RESERVED_FACTOR, CUDA_SEGMENT_BYTES)
-        out["device_bytes"] = out["reserved_bytes"] + CUDA_CONTEXT_BYTES
+        out.update(cuda_reserved_and_device_bytes(peak))
     if gpu is not None:
         need = out.get("device_bytes", peak)
         out.update(fits=need <= gpu.memory_bytes, headroom_bytes=gpu.memory_bytes - need)

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from peftprof.catalog import gpu
 from peftprof.cli import cli
-from peftprof.estimate import CATEGORIES, activations as act, estimate
+from peftprof.estimate import activations as act, estimate
+from peftprof.results import CATEGORIES
 from peftprof.estimate.flops import flops_per_step
 from peftprof.fit import largest_fitting
 from peftprof.scenario import load_scenario

@@ -8,13 +8,12 @@ from __future__ import annotations
 import math
 
 from ..catalog import Gpu
+from ..results import CATEGORIES
 from ..settings import Scenario
 from . import activations as act_mod
 from . import memory as mem
 from .flops import DEFAULT_MFU, flops_per_step
 
-CATEGORIES = ("weights", "quant_constants", "trainable", "gradients", "optimizer", "activations", "logits",
-              "temporaries", "overhead")
 MIB = 1 << 20
 # CUDA terms: assumptions until measured on a GPU (benchmarks/gpu_check.sh). cuBLAS keeps a workspace in
 # torch's caching allocator (torch/csrc/cuda/CUDABlasHandlePool.cpp, default :4096:8 = 32 MiB on Hopper).
@@ -26,6 +25,13 @@ CUDA_SEGMENT_BYTES = 2 * MIB  # small-pool segments are 2 MiB (c10/cuda/CUDACach
 
 def _round_up(n: float, to: int) -> int:
     return int(math.ceil(n / to) * to)
+
+
+def cuda_reserved_and_device_bytes(peak_bytes: int) -> dict[str, int]:
+    """What the caching allocator reserves for an allocated peak and what nvidia-smi would show
+    (assumed terms above, until measured)."""
+    reserved = _round_up(peak_bytes * CUDA_RESERVED_FACTOR, CUDA_SEGMENT_BYTES)
+    return {"reserved_bytes": reserved, "device_bytes": reserved + CUDA_CONTEXT_BYTES}
 
 
 def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], int, str]:
@@ -82,8 +88,7 @@ def estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = None, 
         "tokens_per_step": s.training.batch_size * s.training.seq_len * s.training.grad_accum_steps,
     }
     if device == "cuda":
-        out["reserved_bytes"] = _round_up(peak * CUDA_RESERVED_FACTOR, CUDA_SEGMENT_BYTES)
-        out["device_bytes"] = out["reserved_bytes"] + CUDA_CONTEXT_BYTES
+        out.update(cuda_reserved_and_device_bytes(peak))
     if gpu is not None:
         need = out.get("device_bytes", peak)
         step_time_s = out["flops_per_step"] / (gpu.bf16_tflops * 1e12 * mfu)

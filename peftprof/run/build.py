@@ -42,7 +42,7 @@ def hf_config(s: Scenario):
     return conf
 
 
-def _quantizable(model) -> list[tuple[str, torch.nn.Module]]:
+def quantizable_linears(model) -> list[tuple[str, torch.nn.Module]]:
     """Every nn.Linear / Conv1D except the output embedding, as transformers' bitsandbytes integration
     chooses them (integrations/bitsandbytes.py replace_with_bnb_linear, get_keys_to_not_convert)."""
     from transformers.pytorch_utils import Conv1D
@@ -67,7 +67,7 @@ def quantize_bnb(model, s: Scenario, device: str) -> tuple[list[torch.Tensor], f
     compute = TORCH_DTYPES[p.compute_dtype]
     quant_tensors: list[torch.Tensor] = []
     error = None
-    for name, mod in _quantizable(model):
+    for name, mod in quantizable_linears(model):
         w = mod.weight.data.t() if isinstance(mod, Conv1D) else mod.weight.data  # Conv1D stores (in, out)
         out_f, in_f = w.shape
         bias = mod.bias is not None
@@ -80,6 +80,11 @@ def quantize_bnb(model, s: Scenario, device: str) -> tuple[list[torch.Tensor], f
                                     quant_type=p.weights, device="meta")
             new.weight = bnb.nn.Params4bit(w.contiguous().to(compute), requires_grad=False, blocksize=p.quant_block_size,
                                            compress_statistics=p.double_quant, quant_type=p.weights)
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for good into a CPU-only inference
+            # layout the first time the layer runs in eval mode on an input without grad (nn/modules.py
+            # Linear4bit.forward -> _convert_weight_packed_for_cpu); the runner's checks do exactly that.
+            # Profiling measures the training layout that CUDA uses, so keep every CPU on it.
+            new.support_avx512bf16_for_cpu = False
         if bias:
             new.bias = torch.nn.Parameter(mod.bias.data.to(compute), requires_grad=False)
         new = new.to(device)
@@ -105,7 +110,7 @@ def quantize_int4(model, s: Scenario) -> float | None:
     """Uniform integer 4-bit grid through optimum-quanto (qint4, group-wise scale and shift)."""
     from optimum.quanto import freeze, qint4, quantize
 
-    first_name, first = _quantizable(model)[0]
+    first_name, first = quantizable_linears(model)[0]
     w = first.weight.data.clone()
     out_emb = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
     quantize(model, weights=qint4, exclude=out_emb)

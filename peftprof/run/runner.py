@@ -18,6 +18,7 @@ from ..estimate import estimate
 from ..settings import Scenario
 from .build import build
 from .probe import make_probe, now
+from .step import inject_fault, optimizer_state, registered_tensors, synthetic_batch, train_step
 from .track import SimulatedOOM
 
 
@@ -48,50 +49,6 @@ def provenance(device: str) -> dict:
             "bitsandbytes": bitsandbytes.__version__, "device": device,
             "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "commit": commit, "host": socket.gethostname(), "time": datetime.now(timezone.utc).isoformat()}
-
-
-def _batch(s: Scenario, device: str, generator: torch.Generator) -> torch.Tensor:
-    """Synthetic tokens: batch_size x seq_len random ids; labels = ids."""
-    return torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len),
-                         generator=generator).to(device)
-
-
-def _train_step(built, s: Scenario, ids, probe, where: dict, fault=None) -> None:
-    """One optimizer step over grad_accum_steps micro-batches; the phase goes to the probe and to `where`
-    (so an out-of-memory names it). The model output is held through backward, as transformers'
-    no_trainer examples do (`outputs = model(**batch); outputs.loss.backward()`)."""
-
-    def phase(name):
-        where["phase"] = name
-        probe.set_phase(name)
-        _fault(fault, name)
-
-    for _ in range(s.training.grad_accum_steps):
-        phase("forward")
-        outputs = built.model(input_ids=ids, labels=ids)
-        phase("backward")
-        outputs.loss.backward()
-        del outputs
-    probe.mark_gradients(_grads(built.model))
-    phase("optimizer")
-    built.optimizer.step()
-    built.optimizer.zero_grad(set_to_none=True)
-    where["phase"] = "steady"
-    probe.set_phase("steady")
-
-
-def _fault(fault, phase):
-    """Test hook: raise an out-of-memory in a chosen phase."""
-    if fault == phase:
-        raise torch.OutOfMemoryError(f"injected out-of-memory in {phase}")
-
-
-def _grads(model):
-    return [p.grad for p in model.parameters() if p.grad is not None]
-
-
-def _optimizer_state(opt):
-    return [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
 
 
 def _adapter_checks(built, s: Scenario, ids) -> dict:
@@ -156,31 +113,31 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
         say("build")
-        _fault(fault, "build")
+        inject_fault(fault, "build")
         built = build(s, device)
         if max_memory is not None and built.wrapped_bytes > max_memory:
             raise SimulatedOOM(f"the model alone needs {built.wrapped_bytes:,} B, over the cap {max_memory:,} B")
         gen = torch.Generator().manual_seed(s.run.seed)
-        ids = _batch(s, device, gen)
+        ids = synthetic_batch(s, device, gen)
         where["phase"] = "checks"
         record["checks"].update(_adapter_checks(built, s, ids))
         record["checks"]["quantization_rel_error"] = built.quantization_error
         built.model.train()
         for i in range(s.run.warmup_steps):
             say(f"warm-up step {i + 1}/{s.run.warmup_steps}")
-            _train_step(built, s, ids, probe, where)
+            train_step(built, s, ids, probe, where)
         times = []
         for i in range(steps):
             say(f"step {i + 1}/{steps}")
             probe.synchronize()
             t0 = now()
-            _train_step(built, s, ids, probe, where)
+            train_step(built, s, ids, probe, where)
             probe.synchronize()
             times.append(now() - t0)
         say("tracked step")
-        with probe.tracking(_registered(built)):
-            _train_step(built, s, ids, probe, where, fault)
-        tracked = probe.result(_optimizer_state(built.optimizer))
+        with probe.tracking(registered_tensors(built)):
+            train_step(built, s, ids, probe, where, fault)
+        tracked = probe.result(optimizer_state(built.optimizer))
         step_time = sorted(times)[len(times) // 2]
         tokens = s.training.batch_size * s.training.seq_len * s.training.grad_accum_steps
         phases = [{"phase": "built", "bytes": built.base_bytes}, {"phase": "wrapped", "bytes": built.wrapped_bytes}]
@@ -209,11 +166,3 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
             torch.cuda.empty_cache()
     return record
 
-
-def _registered(built) -> dict[str, list]:
-    model = built.model
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    full = all(p.requires_grad for p in model.parameters())
-    return {"quant_constants": built.quant_tensors, "weights": frozen + list(model.buffers()) + (trainable if full else []),
-            "trainable": [] if full else trainable, "optimizer": _optimizer_state(built.optimizer)}

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
-from ..estimate import CATEGORIES
+from ..results import CATEGORIES
 
 PHASES = ("forward", "backward", "optimizer")
 
