@@ -6,11 +6,11 @@ The raw dict from tomllib never leaves this module: callers get frozen `Scenario
 
 from __future__ import annotations
 
-import difflib
-import itertools
+import dataclasses
 import json
 import math
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -18,10 +18,27 @@ from pathlib import Path
 
 from . import arch as arch_mod
 from .catalog import model_presets
-from .errors import Problem, UserError
-from .settings import (ATTENTIONS, BNB_4BIT_KINDS, COMPUTE_DTYPES, DEVICES, FLOAT_KINDS, FOUR_BIT_KINDS, METHODS,
-                       OPTIMIZERS, WEIGHT_KINDS, ModelSettings, PeftSettings, PrecisionSettings, RunSettings,
-                       Scenario, TrainingSettings, frozen_mapping, matches_target)
+from .errors import Problem, UserError, clean, show
+from .settings import (
+    ATTENTIONS,
+    BNB_4BIT_KINDS,
+    COMPUTE_DTYPES,
+    DEVICES,
+    FLOAT_KINDS,
+    FOUR_BIT_KINDS,
+    METHODS,
+    OPTIMIZERS,
+    WEIGHT_KINDS,
+    ModelSettings,
+    PeftSettings,
+    PrecisionSettings,
+    RunSettings,
+    Scenario,
+    TrainingSettings,
+    frozen_mapping,
+    matches_target,
+)
+from .sweep import closest, collect_problems, expand, sweep_axes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,7 +47,14 @@ else:  # pragma: no cover
 
 MAX_SCENARIO_BYTES = 1 << 20
 MAX_CONFIG_BYTES = 10 << 20
-MAX_VARIANTS = 10_000
+# The name names the results file <name>.jsonl and the files beside it (.<name>.jsonl.XXXXXXXX.tmp while it is
+# written, its lock, its set-aside bad lines <name>.jsonl.bad-<time>-<n>): about 30 bytes more than the name, and
+# a file name holds at most 255 bytes. Names keep non-ASCII letters (up to 4 bytes each in UTF-8).
+MAX_NAME_CHARS = 100
+MAX_NAME_BYTES = 200
+# control characters: C0, DEL, C1, bidirectional overrides and isolates, line and paragraph separators
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+POLICY_EVERY = re.compile(r"every_([1-9][0-9]*)")  # ASCII digits only: "²".isdigit() but int("²") fails
 TOP_LEVEL_KEYS = ("name", "description", "model", "precision", "peft", "training", "run", "sweep")
 SECTIONS = ("model", "precision", "peft", "training", "run")
 MODEL_SOURCE_KEYS = ("preset", "config")
@@ -96,16 +120,8 @@ PEFT_KEYS_BY_METHOD = {
 MODEL_INT_MAX = 10_000_000
 
 
-def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1)
-    return f"; did you mean {match[0]!r}?" if match else ""
-
-
-def _fmt(value) -> str:
-    """A value as the user wrote it in TOML/JSON (true, "text", 3)."""
-    if isinstance(value, (str, bool)) or value is None:
-        return json.dumps(value)
-    return repr(value)
+_closest = closest
+_fmt = show  # a value as the user wrote it in TOML/JSON (true, "text", 3), cut when long
 
 
 def _num(x: float) -> str:
@@ -128,9 +144,9 @@ def check_value(key: Key, value) -> str | None:
         if not math.isfinite(value):
             return f"must be finite, got {value}"
         if key.lo is not None and (value <= key.lo if key.lo_open else value < key.lo):
-            return f"out of range: {value}"
+            return f"out of range: {_fmt(value)}"
         if key.hi is not None and (value >= key.hi if key.hi_open else value > key.hi):
-            return f"out of range: {value}"
+            return f"out of range: {_fmt(value)}"
         return None
     if key.kind == "targets":
         if value == "all-linear":
@@ -141,8 +157,11 @@ def check_value(key: Key, value) -> str | None:
     if key.kind == "policy":
         if value in ("none", "full"):
             return None
-        if isinstance(value, str) and value.startswith("every_") and value[6:].isdigit() and int(value[6:]) >= 1:
+        if isinstance(value, str) and POLICY_EVERY.fullmatch(value):
             return None
+        if isinstance(value, str) and value.startswith("every_"):
+            return (f"{_fmt(value)}: the k of every_k must be a whole number >= 1 in the digits 0-9, "
+                    "with no leading zero")
         return f"unknown value {_fmt(value)}"
     raise AssertionError(key.kind)
 
@@ -151,7 +170,7 @@ def _allowed(key: Key) -> str:
     if key.kind == "targets":
         return "\"all-linear\" or a list of module names"
     if key.kind == "policy":
-        return "none | full | every_2 | every_4 ... (every k-th decoder layer)"
+        return "none | full | every_1, every_2, every_3 ... (every k-th decoder layer)"
     return key.allowed()
 
 
@@ -210,7 +229,8 @@ def _check_model_keys(c: _Collector, model_type: str, given: dict, origin: str) 
             msg = check_value(Key({"bool": "bool", "float": "float", "str": "str"}[kind], 0, None, lo_open=True)
                               if kind == "float" else Key(kind), value)
         if msg:
-            c.add("model", key if origin == "inline" else "config", msg if origin == "inline" else f"{origin}: {key} {msg}")
+            c.add("model", key if origin == "inline" else "config", msg if origin == "inline" else
+                  f"{clean(origin)}: {key} {msg}")
         else:
             checked[key] = value
     return checked
@@ -245,13 +265,14 @@ def _resolve_model(c: _Collector, raw: dict, base_dir: Path) -> ModelSettings | 
             try:
                 loaded = json.loads(read_text_file(path, MAX_CONFIG_BYTES))
             except ValueError as e:  # json.JSONDecodeError is a ValueError
-                c.add("model", "config", f"{config_file}: {e if 'JSON' not in type(e).__name__ else 'not valid JSON: ' + str(e)}")
+                c.add("model", "config", f"{clean(config_file)}: "
+                      f"{e if 'JSON' not in type(e).__name__ else 'not valid JSON: ' + str(e)}")
                 loaded = None
             except RecursionError:
-                c.add("model", "config", f"{config_file}: JSON nested too deeply")
+                c.add("model", "config", f"{clean(config_file)}: JSON nested too deeply")
                 loaded = None
             if loaded is not None and not isinstance(loaded, dict):
-                c.add("model", "config", f"{config_file}: must hold a JSON object")
+                c.add("model", "config", f"{clean(config_file)}: must hold a JSON object")
             elif loaded is not None:
                 base = loaded
     elif "model_type" not in raw:
@@ -275,7 +296,7 @@ def _resolve_model(c: _Collector, raw: dict, base_dir: Path) -> ModelSettings | 
     missing = [k for k in arch_mod.required_keys(model_type) if k not in given]
     if missing:
         c.add("model", missing[0] if len(missing) == 1 else None, f"missing required architecture keys: "
-              f"{', '.join(missing)}" + (f" (in {config_file})" if config_file else ""))
+              f"{', '.join(missing)}" + (f" (in {clean(config_file)})" if config_file else ""))
     if len(c.problems) > n_problems:
         return None
     resolved = arch_mod.resolve_keys(model_type, given)
@@ -313,6 +334,8 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
     """Validate one variant. Problems in `c`; not-applicable keys (conditional problems) in `cond`."""
     n0 = len(c.problems)
     model_key = json.dumps(raw.get("model"), sort_keys=True, default=str)
+    if "model" not in raw:  # reported once, as the missing section
+        model_cache[model_key] = (None, [])
     if model_key not in model_cache:
         mc = _Collector(c.file)
         model_cache[model_key] = (_resolve_model(mc, raw.get("model"), base_dir), mc.problems)
@@ -358,19 +381,20 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
             paths = [s.path for s in a.layer_linears + a.model_linears]
             unknown = [t for t in targets if not any(matches_target(p, t) for p in paths)]
             if unknown:
-                c.add("peft", "target_modules", f"{', '.join(map(_fmt, unknown))} not in {a.model_type} "
+                shown = ", ".join(map(_fmt, unknown[:5])) + (f" and {len(unknown) - 5:,} more"
+                                                              if len(unknown) > 5 else "")
+                c.add("peft", "target_modules", f"{shown} not in {a.model_type} "
                       f"(its linear layers: {', '.join(a.linear_names)})", "\"all-linear\" or names from that list")
-        seq = train.get("seq_len", TrainingSettings.seq_len)
-        extra = peft.get("num_virtual_tokens", PeftSettings.num_virtual_tokens) if method == "prompt_tuning" else 0
-        if seq + extra > a.max_positions:
-            c.add("training", "seq_len", f"{seq}{f' + {extra} virtual tokens' if extra else ''} exceeds the "
-                  f"model's max_position_embeddings {a.max_positions}", f"<= {a.max_positions - extra}")
+        _check_positions(c, a.max_positions, train.get("seq_len", TrainingSettings.seq_len),
+                         peft.get("num_virtual_tokens", PeftSettings.num_virtual_tokens) if method == "prompt_tuning"
+                         else None)
         if method == "prompt_tuning" and a.embed_dim != a.hidden_size:
             c.add("peft", "method", f"peft sizes prompt embeddings by hidden_size {a.hidden_size}, but this "
                   f"model's word embeddings are {a.embed_dim} wide (word_embed_proj_dim)",
                   ", ".join(m for m in METHODS if m != "prompt_tuning"))
-        if policy.startswith("every_") and int(policy[6:]) > a.n_layers:
-            c.add("training", "gradient_checkpointing", f"{policy}: the model has only {a.n_layers} layers",
+        every = POLICY_EVERY.fullmatch(policy)
+        if every and (len(every[1]) > 9 or int(every[1]) > a.n_layers):
+            c.add("training", "gradient_checkpointing", f"{clean(policy)}: the model has only {a.n_layers} layers",
                   f"every_1 .. every_{a.n_layers}")
     if len(c.problems) > n0 or model is None:
         return None
@@ -379,41 +403,47 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
                     training=TrainingSettings(**train), run=RunSettings(**run), overrides=overrides)
 
 
-def _sweep_axes(c: _Collector, raw) -> list[tuple[str, list]]:
-    if raw is None:
-        return []
-    if not isinstance(raw, dict):
-        c.add("sweep", None, "must be a table of \"section.key\" = [values]")
-        return []
-    axes = []
-    model_keys = MODEL_SOURCE_KEYS + tuple(arch_mod.ALL_MODEL_KEYS)
-    for dotted, values in raw.items():
-        section, _, key = dotted.partition(".")
-        if isinstance(values, dict):  # sweep.peft.r = [...] parses as a nested table
-            c.add("sweep", dotted, "quote dotted keys: \"section.key\" = [values]")
-            continue
-        if section not in SECTIONS:
-            c.add("sweep", dotted, f"unknown section {section!r}", ", ".join(f"{s}.<key>" for s in SECTIONS))
-            continue
-        keys = model_keys if section == "model" else tuple(SCHEMA[section])
-        if key not in keys:
-            c.add("sweep", dotted, f"unknown key {key!r} in [{section}]{_closest(key, keys)}", ", ".join(keys))
-            continue
-        if not isinstance(values, list) or not values:
-            c.add("sweep", dotted, f"must be a non-empty list of values, got {_fmt(values)}")
-            continue
-        axes.append((dotted, values))
-    n = math.prod(len(v) for _, v in axes) if axes else 1
-    if n > MAX_VARIANTS:
-        c.add("sweep", None, f"expands to {n:,} variants", f"at most {MAX_VARIANTS:,}")
-        return []
-    return axes
+def _check_positions(c: _Collector, max_positions: int, seq: int, virtual: int | None) -> None:
+    """seq_len, plus prompt_tuning's virtual tokens (peft prepends them to the input), must fit the
+    model's positions. The allowed range is shown only where it is not empty."""
+    if virtual is None:
+        if seq > max_positions:
+            c.add("training", "seq_len", f"{seq} exceeds the model's max_position_embeddings {max_positions}",
+                  f"<= {max_positions}")
+        return
+    if seq + virtual <= max_positions:
+        return
+    why = (f"num_virtual_tokens + seq_len must be <= max_position_embeddings {max_positions}: "
+           f"{virtual} + {seq} > {max_positions}")
+    if seq < max_positions:
+        c.add("peft", "num_virtual_tokens", why, f"<= {max_positions - seq} at seq_len {seq}")
+    else:
+        c.add("training", "seq_len", f"{why}; seq_len alone already {'reaches' if seq == max_positions else 'exceeds'}"
+              f" it, so no num_virtual_tokens fits",
+              f"<= {max_positions - 1} with prompt_tuning" if max_positions > 1 else None)
 
 
-def _value_label(value) -> str:
-    if isinstance(value, list):
-        return ",".join(map(_value_label, value))
-    return json.dumps(value) if isinstance(value, bool) else str(value)
+def _model_keys(section: str) -> tuple:
+    return MODEL_SOURCE_KEYS + tuple(arch_mod.ALL_MODEL_KEYS) if section == "model" else tuple(SCHEMA[section])
+
+
+def _check_text(c: _Collector, key: str, value: str, stem: bool = False) -> None:
+    """`name` and `description` are printed in tables, reports and file names: no control characters
+    (a description may span lines); the name also names the results file, so its length is bounded."""
+    where = "not set, and the file name used instead " if stem else ""
+    allowed_ws = "\n\t" if key == "description" else ""
+    bad = next((m for m in CONTROL_CHARS.finditer(value) if m[0] not in allowed_ws), None)
+    if bad:
+        c.add(None, key, f"{where}contains the control character U+{ord(bad[0]):04X} at character {bad.start() + 1:,}",
+              "printable characters" + (", line breaks and tabs" if key == "description" else ""))
+    if key != "name":
+        return
+    if len(value) > MAX_NAME_CHARS:
+        c.add(None, key, f"{where}is {len(value):,} characters long; it names the results file <name>.jsonl",
+              f"at most {MAX_NAME_CHARS} characters")
+    elif len(value.encode()) > MAX_NAME_BYTES:
+        c.add(None, key, f"{where}is {len(value.encode()):,} bytes in UTF-8; it names the results file "
+              f"<name>.jsonl", f"at most {MAX_NAME_BYTES} bytes")
 
 
 def load_scenario(path: str | os.PathLike) -> list[Scenario]:
@@ -435,83 +465,66 @@ def load_scenario(path: str | os.PathLike) -> list[Scenario]:
             c.add(None, key, f"unknown section or key{_closest(key, TOP_LEVEL_KEYS)}", ", ".join(TOP_LEVEL_KEYS))
     if "model" not in raw:
         c.add("model", None, "missing section: every scenario names a model", "preset, config or inline keys")
-    name = raw.get("name", path.stem)
     for key in ("name", "description"):
         if key in raw and (not isinstance(raw[key], str) or (key == "name" and not raw[key].strip())):
             c.add(None, key, f"must be a non-empty string, got {_fmt(raw[key])}")
+        elif key in raw:
+            _check_text(c, key, raw[key])
+    name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         name = path.stem
-    axes = _sweep_axes(c, raw.get("sweep"))
-    if c.problems:
-        raise UserError(c.problems)
+        if "name" not in raw:
+            _check_text(c, "name", name, stem=True)
+    # a bad [sweep] does not hide the rest: the valid axes are still expanded and every variant checked
+    axes, sweep_ok = sweep_axes(c.add, raw.get("sweep"), SECTIONS, _model_keys)
 
     base = {s: dict(raw[s]) if isinstance(raw.get(s), dict) else raw.get(s) for s in SECTIONS if s in raw}
     base["description"] = raw.get("description", "")
-    combos = list(itertools.product(*[[(k, v) for v in values] for k, values in axes])) or [()]
     model_cache: dict = {}
     results: list[tuple[Scenario | None, list[Problem], list[Problem]]] = []
     names: list[str] = []
-    for combo in combos:
-        variant_raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-        for dotted, value in combo:
-            section, _, key = dotted.partition(".")
-            if not isinstance(variant_raw.get(section, {}), dict):
-                continue  # reported as "must be a table"
-            variant_raw.setdefault(section, {})[key] = value
-        vname = name + ("[" + ",".join(f"{k}={_value_label(v)}" for k, v in combo) + "]" if combo else "")
+    for vname, variant_raw, combo in expand(name, base, axes):
         vc, cond = _Collector(str(path)), _Collector(str(path))
-        scenario = _variant(vc, cond, variant_raw, path.parent, name, vname, tuple(combo), model_cache)
+        scenario = _variant(vc, cond, variant_raw, path.parent, name, vname, combo, model_cache)
         results.append((scenario, vc.problems, cond.problems))
         names.append(vname)
-    _collect_problems(c, results, names)
+    collect_problems(c.add, results, names, conditional=sweep_ok)
     if c.problems:
         raise UserError(c.problems)
     out = []
     for scenario, _, cond in results:
         na = tuple(f"{p.section}.{p.key}" for p in cond)
-        out.append(scenario if not na else _replace(scenario, not_applicable=na))
+        out.append(scenario if not na else dataclasses.replace(scenario, not_applicable=na))
     return out
 
 
-def _replace(scenario: Scenario, **changes) -> Scenario:
-    import dataclasses
-
-    return dataclasses.replace(scenario, **changes)
-
-
-def _collect_problems(c: _Collector, results, names: list[str]) -> None:
-    """A problem in every variant is reported once; one in some variants names them. A not-applicable
-    key is an error only when it applies to no variant at all."""
-    n = len(results)
-    seen: dict[tuple, list[str]] = {}
-    for (scenario, problems, _), vname in zip(results, names):
-        for p in problems:
-            seen.setdefault((p.section, p.key, p.message, p.allowed), []).append(vname)
-    for (section, key, message, allowed), variants in seen.items():
-        variant = None if len(variants) == n else ", ".join(variants[:3]) + (
-            f" and {len(variants) - 3} more" if len(variants) > 3 else "")
-        c.add(section, key, message, allowed, variant or None)
-    cond_counts: dict[tuple, int] = {}
-    for _, _, cond in results:
-        for p in cond:
-            cond_counts[(p.section, p.key, p.message)] = cond_counts.get((p.section, p.key, p.message), 0) + 1
-    reported = set()
-    for (section, key, message) in cond_counts:
-        if (section, key) in reported:
-            continue
-        if all(any(p.section == section and p.key == key for p in cond) for _, _, cond in results):
-            reported.add((section, key))
-            c.add(section, key, message)
-
-
 def load_scenarios(paths) -> list[Scenario]:
-    """Load several files; problems of all files are reported together."""
+    """Load several files; problems of all files are reported together. Results are keyed by variant name
+    (the summary, the results file, the gate), so two files may not give a variant the same name."""
     out, problems = [], []
+    variants: dict[str, str] = {}  # variant name -> the file that gave it
+    given: set[Path] = set()
     for p in paths:
         try:
-            out.extend(load_scenario(p))
+            same = Path(p).resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop: load_scenario says what is wrong
+            same = Path(p)
+        if same in given:
+            problems.append(Problem(file=str(p), message="the same file is given twice"))
+            continue
+        given.add(same)
+        try:
+            loaded = load_scenario(p)
         except UserError as e:
             problems.extend(e.problems)
+            continue
+        taken = next((v.name for v in loaded if v.name in variants), None)
+        if taken is not None:
+            problems.append(Problem(file=str(p), key="name", message=f"variant {show(taken)} is also a variant of "
+                                    f"{variants[taken]}", allowed="a name of its own"))
+            continue
+        variants.update((v.name, str(p)) for v in loaded)
+        out.extend(loaded)
     if problems:
         raise UserError(problems)
     return out

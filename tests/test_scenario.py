@@ -16,12 +16,25 @@ MALFORMED = sorted((ROOT / "tests" / "malformed").glob("*.toml"))
 EXPECT_WITHOUT_COMMENT = {"01-empty.toml": "empty scenario", "03-binary.toml": "is not UTF-8 text"}
 
 
+def exact_errors(path: Path) -> list[str]:
+    """The file's leading "# error: " comments: every line `validate` prints, in order, after "error: FILE: "."""
+    if path.name in EXPECT_WITHOUT_COMMENT:
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("# "):
+            break
+        if line.startswith("# error: "):
+            lines.append(line[len("# error: "):])
+    return lines
+
+
 def expected_message(path: Path) -> str:
     if path.name in EXPECT_WITHOUT_COMMENT:
         return EXPECT_WITHOUT_COMMENT[path.name]
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# expect: "), path
-    return first[len("# expect: "):]
+    assert first.startswith(("# expect: ", "# error: ")), path
+    return first.split(": ", 1)[1]
 
 
 def test_corpus_is_large_enough():
@@ -36,6 +49,9 @@ def test_malformed_scenario_exits_2_with_located_message(path):
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert f"error: {path}" in result.output  # every line names the file
     assert expected_message(path) in result.output
+    exact = exact_errors(path)
+    if exact:
+        assert result.stderr.splitlines() == [f"error: {path}: {line}" for line in exact]
 
 
 def test_huge_file_is_rejected(tmp_path):
@@ -68,7 +84,8 @@ def test_unknown_key_lists_valid_ones(write_scenario):
     p = write_scenario('[model]\npreset = "tiny-llama"\n[run]\nsteps_per_epoch = 3\n')
     with pytest.raises(UserError) as err:
         load_scenario(p)
-    assert err.value.lines() == [f"{p}: [run] steps_per_epoch: unknown key (allowed: device, steps, warmup_steps, seed)"]
+    assert err.value.lines() == [
+        f"{p}: [run] steps_per_epoch: unknown key (allowed: device, steps, warmup_steps, seed)"]
 
 
 def test_five_line_scenario_gets_defaults(write_scenario):
@@ -112,14 +129,16 @@ compute_dtype = "bf16"
 
 
 def test_sweep_of_a_list_valued_key(write_scenario):
-    p = write_scenario('[model]\npreset = "tiny-llama"\n[sweep]\n"peft.target_modules" = [["q_proj", "v_proj"], "all-linear"]\n')
+    p = write_scenario('[model]\npreset = "tiny-llama"\n[sweep]\n'
+                       '"peft.target_modules" = [["q_proj", "v_proj"], "all-linear"]\n')
     a, b = load_scenario(p)
     assert a.name.endswith("[peft.target_modules=q_proj,v_proj]")
     assert b.peft.targets(b.model.arch) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def test_inline_keys_override_preset_and_sweep_model_keys(write_scenario):
-    p = write_scenario('[model]\npreset = "llama-2-7b"\nnum_hidden_layers = 2\n[sweep]\n"model.hidden_size" = [256, 512]\n')
+    p = write_scenario('[model]\npreset = "llama-2-7b"\nnum_hidden_layers = 2\n'
+                       '[sweep]\n"model.hidden_size" = [256, 512]\n')
     a, b = load_scenario(p)
     assert a.model.arch.n_layers == 2 and a.model.arch.hidden_size == 256 and b.model.arch.hidden_size == 512
     assert a.model.arch.intermediate_size == 11008
@@ -158,7 +177,8 @@ def test_prompt_tuning_counts_virtual_tokens_against_max_positions(write_scenari
                        'num_virtual_tokens = 20\n[training]\nseq_len = 2040\n')
     with pytest.raises(UserError) as err:
         load_scenario(p)
-    assert "2040 + 20 virtual tokens exceeds" in err.value.lines()[0]
+    assert err.value.lines() == [f"{p}: [peft] num_virtual_tokens: num_virtual_tokens + seq_len must be <= "
+                                 "max_position_embeddings 2048: 20 + 2040 > 2048 (allowed: <= 8 at seq_len 2040)"]
 
 
 def test_all_shipped_scenarios_load():
@@ -169,3 +189,116 @@ def test_all_shipped_scenarios_load():
     for f in files:
         variants = load_scenario(f)
         assert variants and all(v.description for v in variants)
+
+
+def validate(*paths):
+    result = CliRunner().invoke(cli, ["validate", *map(str, paths)])
+    return result.exit_code, result.stderr.splitlines()
+
+
+def test_long_values_and_keys_are_cut_in_error_lines(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "' + "a" * 3_000_000 + '"}')
+    p = tmp_path / "s.toml"
+    p.write_text(f'"{"k" * 300}" = 1\n[model]\nconfig = "config.json"\n')
+    code, lines = validate(p)
+    assert code == 2
+    assert lines == [
+        f"error: {p}: {'k' * 80}… (300 characters): unknown section or key "
+        "(allowed: name, description, model, precision, peft, training, run, sweep)",
+        f"error: {p}: [model] config: unsupported model_type \"{'a' * 80}…\" (3,000,000 characters) "
+        "(allowed: llama, mistral, qwen2, gemma, gpt2, opt)"]
+
+
+def test_error_lines_escape_control_characters(write_scenario):
+    p = write_scenario('[model]\npreset = "tiny\\u001b[2J\\nllama"\n[run]\n"x\\u0007y" = 1\n')
+    code, lines = validate(p)
+    assert (code, len(lines)) == (2, 2)
+    assert lines[0].startswith(f'error: {p}: [model] preset: unknown preset "tiny\\u001b[2J\\nllama"; did you mean '
+                               "'tiny-llama'? (allowed: tiny-llama, ")
+    assert lines[1] == f'error: {p}: [run] x\\u0007y: unknown key (allowed: device, steps, warmup_steps, seed)'
+
+
+def test_huge_every_k_is_a_message_not_a_traceback(write_scenario):
+    p = write_scenario(f'[model]\npreset = "tiny-llama"\n[training]\ngradient_checkpointing = "every_{"9" * 5000}"\n')
+    code, lines = validate(p)
+    assert code == 2
+    assert lines == [f"error: {p}: [training] gradient_checkpointing: every_{'9' * 74}… (5,006 characters): "
+                     "the model has only 4 layers (allowed: every_1 .. every_4)"]
+
+
+def test_too_big_sweep_does_not_hide_the_other_problems(write_scenario):
+    p = write_scenario('[model]\npreset = "tiny-llama"\n[peft]\nalpha = 0\n[sweep]\n'
+                       f'"peft.r" = {list(range(1, 201))}\n"training.batch_size" = {list(range(1, 101))}\n')
+    code, lines = validate(p)
+    assert code == 2
+    assert lines == [f"error: {p}: [sweep]: expands to 20,000 variants (allowed: at most 10,000)",
+                     f"error: {p}: [peft] alpha: out of range: 0 (allowed: number > 0 and <= 1,000,000)"]
+
+
+def test_sweep_problems_are_reported_with_the_problems_of_other_files(tmp_path):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('[model]\npreset = "tiny-llama"\n[training]\nseq_len = 0\n[sweep]\n"peft.r" = []\n')
+    b.write_text('[model]\npreset = "tiny-llama"\n[run]\nsteps = 0\n')
+    code, lines = validate(a, b)
+    assert code == 2
+    assert lines == [f"error: {a}: [sweep] peft.r: must be a non-empty list of values, got []",
+                     f"error: {a}: [training] seq_len: out of range: 0 (allowed: integer >= 1 and <= 10,000,000)",
+                     f"error: {b}: [run] steps: out of range: 0 (allowed: integer >= 1 and <= 100,000)"]
+
+
+def test_not_applicable_keys_are_not_judged_while_the_sweep_is_bad(write_scenario):
+    # double_quant applies to the nf4 variants of the intended sweep; with the axis broken it is not judged
+    p = write_scenario('[model]\npreset = "tiny-llama"\n[precision]\ndouble_quant = true\n'
+                       '[sweep]\n"precision.weights" = "nf4"\n')
+    code, lines = validate(p)
+    assert code == 2
+    assert lines == [f'error: {p}: [sweep] precision.weights: must be a non-empty list of values, got "nf4"']
+
+
+def test_two_files_cannot_give_a_variant_the_same_name(tmp_path):
+    (tmp_path / "d").mkdir()
+    files = {name: tmp_path / name for name in ("a.toml", "d/a.toml", "v.toml", "w.toml", "x.toml")}
+    files["a.toml"].write_text('[model]\npreset = "tiny-llama"\n')
+    files["d/a.toml"].write_text('[model]\npreset = "tiny-llama"\n')  # same stem: the same default name
+    files["v.toml"].write_text('name = "v"\n[model]\npreset = "tiny-llama"\n[sweep]\n"peft.r" = [4, 8]\n')
+    files["w.toml"].write_text('name = "v[peft.r=8]"\n[model]\npreset = "tiny-llama"\n')
+    # the same results file (v.jsonl) with other variant names is fine: runs merge into it
+    files["x.toml"].write_text('name = "v"\n[model]\npreset = "tiny-llama"\n[sweep]\n"peft.r" = [16]\n')
+    code, lines = validate(*files.values(), tmp_path / "d" / ".." / "v.toml")
+    assert code == 2
+    f = {k: str(v) for k, v in files.items()}
+    assert lines == [
+        f'error: {f["d/a.toml"]}: name: variant "a" is also a variant of {f["a.toml"]} (allowed: a name of its own)',
+        f'error: {f["w.toml"]}: name: variant "v[peft.r=8]" is also a variant of {f["v.toml"]} '
+        "(allowed: a name of its own)",
+        f"error: {tmp_path / 'd' / '..' / 'v.toml'}: the same file is given twice"]
+    assert validate(files["a.toml"], files["v.toml"], files["x.toml"]) == (0, [])
+
+
+def test_name_from_a_long_file_name_is_checked(tmp_path):
+    p = tmp_path / ("x" * 150 + ".toml")
+    p.write_text('[model]\npreset = "tiny-llama"\n')
+    code, lines = validate(p)
+    assert code == 2
+    assert lines == [f"error: {p}: name: not set, and the file name used instead is 150 characters long; it names "
+                     "the results file <name>.jsonl (allowed: at most 100 characters)"]
+
+
+def test_names_at_the_bounds_and_multiline_descriptions_load(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(f'name = "{"n" * 100}"\ndescription = """two\n\tlines"""\n[model]\npreset = "tiny-llama"\n')
+    (s,) = load_scenario(p)
+    assert (len(s.name), s.description) == (100, "two\n\tlines")
+    p.write_text(f'name = "{"名" * 66}ab"\n[model]\npreset = "tiny-llama"\n')  # 200 bytes in UTF-8
+    (s,) = load_scenario(p)
+    assert len(s.name.encode()) == 200
+
+
+def test_repeated_sweep_values_do_not_hide_keys_that_apply_to_no_variant(write_scenario):
+    p = write_scenario('[model]\npreset = "tiny-llama"\n[precision]\ndouble_quant = true\n'
+                       '[sweep]\n"precision.weights" = ["bf16", "bf16"]\n')
+    code, lines = validate(p)
+    assert code == 2
+    assert lines == [f'error: {p}: [sweep] precision.weights: the value "bf16" is listed twice '
+                     "(allowed: each value once)",
+                     f"error: {p}: [precision] double_quant: applies only to fp4 and nf4 weights, not bf16"]
