@@ -12,6 +12,8 @@ the analytic model: fake CUDA tensors with SDPA abort a CPU-only torch.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import math
 import os
@@ -22,6 +24,23 @@ from .errors import UserError
 from .settings import Scenario
 
 CACHE_DIR = Path(os.environ.get("PEFTPROF_CACHE", ".peftprof-cache")) / "trace"
+# The trace's time grows with the decoder layers it runs through (about 1 s per layer pass on our 2-core
+# machine: benchmarks/results/trace_7b.txt, 32 layers in ~30 s), not with widths or token counts (fake
+# tensors). The deepest published decoders have 126 layers (Llama-3.1-405B); gradient accumulation repeats
+# the passes. Past this bound the trace is refused and the analytic estimate is the answer.
+MAX_TRACED_LAYER_PASSES = 256
+
+
+class TraceTooLarge(UserError):
+    """The trace would not finish in reasonable time; the analytic estimate answers instead."""
+
+
+def check_traceable(s: Scenario) -> None:
+    passes = s.model.arch.n_layers * s.training.grad_accum_steps
+    if passes > MAX_TRACED_LAYER_PASSES:
+        raise TraceTooLarge(f"{s.name}: --method trace runs at most {MAX_TRACED_LAYER_PASSES} decoder-layer passes "
+                            f"per step; this one needs {passes:,} ({s.model.arch.n_layers:,} layers x "
+                            f"{s.training.grad_accum_steps} micro-batches)")
 
 
 def _stand_in_classes():
@@ -194,6 +213,7 @@ def trace_peak(s: Scenario) -> dict:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     warnings.filterwarnings("ignore", category=UserWarning)  # e.g. "Paged optimizers are not supported on CPU"
+    check_traceable(s)
     if s.precision.weights == "int4":
         raise UserError(f"{s.name}: --method trace does not support int4 (optimum-quanto cannot quantize meta "
                         "tensors); use --method analytic")
@@ -244,18 +264,31 @@ def trace_peak(s: Scenario) -> dict:
             "phase_peaks": result.phase_peaks, "wrapped_bytes": model_bytes(model, built.quant_tensors)}
 
 
+def source_fingerprint(root: Path) -> str:
+    """sha256 over the relative paths and contents of every Python file below `root`."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Fingerprint of the whole peftprof package: the cache must never serve a trace computed by other
+    code (a version string does not change on every edit)."""
+    return source_fingerprint(Path(__file__).resolve().parent)
+
+
 def _cache_key(s: Scenario) -> str:
+    """Resolved variant + library versions + the code that traces it."""
     import bitsandbytes
     import peft
     import torch
     import transformers
 
-    from . import __version__
-
-    import hashlib
-
-    versions = f"{__version__}-{torch.__version__}-{transformers.__version__}-{peft.__version__}-{bitsandbytes.__version__}"
-    return f"{s.settings_key()}-{hashlib.sha256(versions.encode()).hexdigest()[:8]}"
+    versions = f"{torch.__version__}-{transformers.__version__}-{peft.__version__}-{bitsandbytes.__version__}"
+    digest = hashlib.sha256(f"{versions}-{code_fingerprint()}".encode()).hexdigest()[:16]
+    return f"{s.settings_key()}-{digest}"
 
 
 def cached_trace_peak(s: Scenario) -> dict:
@@ -284,6 +317,10 @@ def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = 
 
     device = device or ("cuda" if s.run.device == "auto" else s.run.device)
     analytic = estimate(s, device=device, gpu=gpu, mfu=mfu or DEFAULT_MFU)
+    try:
+        check_traceable(s)
+    except TraceTooLarge as e:
+        return dict(analytic, note=f"{e.lines()[0]}: the analytic estimate answers instead")
     traced = cached_trace_peak(s)
     breakdown = dict(traced["breakdown"])
     breakdown["overhead"] = CUDA_CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0

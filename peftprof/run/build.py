@@ -6,6 +6,7 @@ The runner and the trace estimator share this code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -57,6 +58,34 @@ def _rel_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float((w - w_hat).norm() / w.norm())
 
 
+def pin_bnb_cpu_dequantize_fallback(enabled: bool) -> bool | None:
+    """bitsandbytes' CPU 4-bit dequantize branches on the CPU: with AVX512 and a block size >= 2048 it
+    takes a pure-torch fallback (backends/cpu/ops.py dequantize_4bit: `_has_avx512 and blocksize >= 2048`,
+    because its AVX512 kernel is inexact there) that allocates an int32 and two fp32 copies of the weight;
+    elsewhere the native kernel allocates only the output, as the CUDA kernel does. The module flag is read
+    on every call, so it can be pinned: the runner profiles with the native path on every CPU (allocations
+    as on CUDA, the same on every machine) and computes the quantization error with the exact fallback.
+    Returns the previous setting (None: this bitsandbytes has no such branch)."""
+    try:
+        from bitsandbytes.backends.cpu import ops
+    except ImportError:
+        return None
+    before = getattr(ops, "_has_avx512", None)
+    if before is not None:
+        ops._has_avx512 = enabled
+    return before
+
+
+@contextlib.contextmanager
+def bnb_cpu_dequantize_fallback(enabled: bool):
+    before = pin_bnb_cpu_dequantize_fallback(enabled)
+    try:
+        yield
+    finally:
+        if before is not None:
+            pin_bnb_cpu_dequantize_fallback(before)
+
+
 def quantize_bnb(model, s: Scenario, device: str) -> tuple[list[torch.Tensor], float | None]:
     """Swap linears for bitsandbytes Linear4bit (nf4/fp4, block size, double quant) or Linear8bitLt;
     quantization happens on `.to(device)`. Returns the quant_state tensors and the first layer's error."""
@@ -92,7 +121,8 @@ def quantize_bnb(model, s: Scenario, device: str) -> tuple[list[torch.Tensor], f
             if p.weights == "int8":
                 w_hat = new.weight.data.float() * new.weight.SCB.float().unsqueeze(1) / 127
             else:
-                w_hat = bnb.functional.dequantize_4bit(new.weight.data, new.weight.quant_state)
+                with bnb_cpu_dequantize_fallback(True):  # the exact pure-torch path on every CPU (see below)
+                    w_hat = bnb.functional.dequantize_4bit(new.weight.data, new.weight.quant_state)
             error = _rel_error(w.to(device), w_hat)
         if p.weights != "int8":
             qs = new.weight.quant_state
@@ -251,6 +281,9 @@ def build(s: Scenario, device: str, *, seed: int | None = None) -> Built:
     elif p.weights == "int4":
         error = quantize_int4(model, s)
         quant_tensors = quanto_constants(model)
+    if p.weights in ("fp4", "nf4") and device == "cpu":
+        # for the rest of the process: profile the allocations CUDA makes (see bnb_cpu_dequantize_fallback)
+        pin_bnb_cpu_dequantize_fallback(False)
     base_bytes = model_bytes(model, quant_tensors)
     model = adapt(model, s)
     wrapped_bytes = model_bytes(model, quant_tensors)
