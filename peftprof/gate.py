@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
-from .results import CATEGORIES
-from .results import read_results, write_atomic
+from .results import CATEGORIES, Located, bytes_problem, read_checked, show, write_atomic
+from .textfmt import md_cell, visible
 
 GIB = 1 << 30
 
@@ -43,33 +43,78 @@ def settings_changes(base: dict, cur: dict) -> list[str]:
             if b.get(k) != c.get(k)]
 
 
-def _numbers(rec: dict, metric: str, path: str) -> tuple[int, dict, int]:
-    """(peak, breakdown, budget figure) of one record for the chosen metric."""
+def _name(rec: dict) -> str:
+    return visible(rec["variant"])
+
+
+def _opt_bytes(d: dict, key: str, field_name: str, problems: list[str], prefix: str) -> None:
+    """An optional byte count: absent or null, else a valid byte count."""
+    v = d.get(key)
+    if v is not None and (why := bytes_problem(v)):
+        problems.append(f"{prefix}: {field_name}: {why}")
+
+
+def _breakdown_problems(bd, field_name: str, prefix: str, problems: list[str]) -> None:
+    if bd is None:
+        return
+    if not isinstance(bd, dict):
+        problems.append(f"{prefix}: {field_name}: {show(bd)} is not an object of byte counts per category")
+        return
+    for c in CATEGORIES:  # a category that is absent or null counts as 0 bytes
+        _opt_bytes(bd, c, f"{field_name}.{c}", problems, prefix)
+
+
+def field_problems(loc: Located, metric: str) -> list[str]:
+    """Every value of one record the gate would read for `metric` and cannot compare (docs/gate.md)."""
+    rec, problems = loc.record, []
+    prefix = f"{loc.path}: {loc.where}: variant {_name(rec)}"
+    sc = rec.get("scenario")
+    if sc is not None and not isinstance(sc, dict):
+        problems.append(f"{prefix}: scenario: {show(sc)} is not an object of resolved settings")
     if metric == "measured":
         m = rec.get("measured")
-        if not isinstance(m, dict) or not m.get("peak_bytes"):
-            raise UserError(f"{path}: variant {rec['variant']} has no measurement (status "
-                            f"{rec.get('status', 'estimate only')}); use --metric estimated")
+        peak = m.get("peak_bytes") if isinstance(m, dict) else None
+        if peak is None or (peak == 0 and not bytes_problem(peak)):
+            return problems + [f"{loc.path}: {loc.where}: variant {_name(rec)} has no measurement (status "
+                               f"{visible(show(rec.get('status', 'estimate only')))}); use --metric estimated"]
+        _opt_bytes(m, "peak_bytes", "measured.peak_bytes", problems, prefix)
+        _opt_bytes(m, "nvml_peak_bytes", "measured.nvml_peak_bytes", problems, prefix)
+        _breakdown_problems(m.get("breakdown"), "measured.breakdown", prefix, problems)
+        return problems
+    est = rec["estimate"]
+    _opt_bytes(est, "peak_bytes", "estimate.peak_bytes", problems, prefix)  # present: results.py checks that
+    _opt_bytes(est, "device_bytes", "estimate.device_bytes", problems, prefix)
+    _breakdown_problems(est["breakdown"], "estimate.breakdown", prefix, problems)
+    return problems
+
+
+def _numbers(rec: dict, metric: str) -> tuple[int, dict, int]:
+    """(peak, breakdown, budget figure) of one record checked by field_problems."""
+    if metric == "measured":
+        m = rec["measured"]
         return m["peak_bytes"], m.get("breakdown") or {}, m.get("nvml_peak_bytes") or m["peak_bytes"]
     e = rec["estimate"]
-    return e["peak_bytes"], e["breakdown"], e.get("device_bytes", e["peak_bytes"])
+    d = e.get("device_bytes")
+    return e["peak_bytes"], e["breakdown"], e["peak_bytes"] if d is None else d
 
 
-def compare(current: list[dict], baseline: list[dict], *, tolerance: float, budget: int | None, metric: str,
-            current_path: str = "CURRENT", baseline_path: str = "BASELINE") -> list[VariantDiff]:
+def compare(current: list[dict], baseline: list[dict], *, tolerance: float, budget: int | None,
+            metric: str) -> list[VariantDiff]:
+    """Records read by `load` (every value checked for `metric`)."""
     base = {r["variant"]: r for r in baseline}
     cur = {r["variant"]: r for r in current}
     out = []
     for name, rec in cur.items():
-        peak, breakdown, budget_need = _numbers(rec, metric, current_path)
+        peak, breakdown, budget_need = _numbers(rec, metric)
         over = budget is not None and budget_need > budget
         if name not in base:
             d = VariantDiff(variant=name, status="added", current_bytes=peak)
             if over:
-                d.status, d.reason = "over_budget", f"needs {budget_need / GIB:.2f} GiB of a {budget / GIB:.2f} GiB budget"
+                d.status = "over_budget"
+                d.reason = f"needs {budget_need / GIB:.2f} GiB of a {budget / GIB:.2f} GiB budget"
             out.append(d)
             continue
-        b_peak, b_breakdown, _ = _numbers(base[name], metric, baseline_path)
+        b_peak, b_breakdown, _ = _numbers(base[name], metric)
         cats = {c: int(breakdown.get(c, 0) or 0) - int(b_breakdown.get(c, 0) or 0) for c in CATEGORIES}
         d = VariantDiff(variant=name, status="ok", baseline_bytes=b_peak, current_bytes=peak,
                         change_pct=(peak - b_peak) / b_peak * 100 if b_peak else None,
@@ -92,7 +137,7 @@ def compare(current: list[dict], baseline: list[dict], *, tolerance: float, budg
         out.append(d)
     for name, rec in base.items():
         if name not in cur:
-            out.append(VariantDiff(variant=name, status="removed", baseline_bytes=_numbers(rec, metric, baseline_path)[0]))
+            out.append(VariantDiff(variant=name, status="removed", baseline_bytes=_numbers(rec, metric)[0]))
     return out
 
 
@@ -119,33 +164,59 @@ def render(diffs: list[VariantDiff], fmt: str, *, tolerance: float, strict: bool
     headers = ["variant", "status", "baseline GiB", "current GiB", "change", "why"]
     summary = (f"{verdict}: {sum(d.status == 'regression' for d in diffs)} regressed, "
                f"{sum(d.status == 'over_budget' for d in diffs)} over budget, "
-               f"{sum(d.status == 'improved' for d in diffs)} improved, {sum(d.status == 'added' for d in diffs)} added, "
+               f"{sum(d.status == 'improved' for d in diffs)} improved, "
+               f"{sum(d.status == 'added' for d in diffs)} added, "
                f"{sum(d.status == 'removed' for d in diffs)} removed (tolerance {tolerance * 100:g}%)")
     moved = [d.variant for d in diffs if d.categories and d.status == "ok"]
     if moved:
         summary += f"; {len(moved)} changed within tolerance"
     if fmt == "markdown":
-        def cell(x):
-            return str(x).replace("|", "\\|")
-
         lines = [f"**peftprof gate: {summary}**", "", "| " + " | ".join(headers) + " |",
                  "|---|---|---:|---:|---:|---|"]
-        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+        lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
         return "\n".join(lines) + "\n"
     from .textfmt import table
 
     return table(headers, rows) + "\n" + summary
 
 
-def load(paths: list[str], label: str) -> list[dict]:
-    records = read_results(paths)
-    names = [r["variant"] for r in records]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UserError(f"{label}: variant {dupes[0]!r} appears more than once")
+def _load(paths: list[str], label: str, metric: str) -> tuple[list[dict], list]:
+    located, problems = read_checked(paths)
+    first: dict[str, Located] = {}
+    for loc in located:
+        name = loc.record["variant"]
+        if name in first:
+            problems.append(f"{loc.path}: {loc.where}: variant {_name(loc.record)} appears more than once in "
+                            f"{label} (first at {first[name].path}: {first[name].where})")
+        else:
+            first[name] = loc
+        problems += field_problems(loc, metric)
+    return [loc.record for loc in located], problems
+
+
+def load(paths: list[str], label: str, metric: str = "estimated") -> list[dict]:
+    """Records of CURRENT or BASELINE; UserError naming every value the gate cannot compare."""
+    records, problems = _load(paths, label, metric)
+    if problems:
+        raise UserError(problems)
     return records
+
+
+def load_inputs(current: list[str], baseline: str | None, metric: str) -> tuple[list[dict], list[dict]]:
+    """(CURRENT, BASELINE) records, with the problems of both reported together; no baseline: []."""
+    cur, problems = _load(current, "CURRENT", metric)
+    base: list[dict] = []
+    if baseline is not None:
+        base, more = _load([baseline], "BASELINE", metric)
+        problems += more
+    if problems:
+        raise UserError(list(dict.fromkeys(problems)))  # one file given as both: each problem once
+    return cur, base
 
 
 def update_baseline(current: list[dict], baseline_path: str) -> None:
     """Write CURRENT as the new baseline (a JSON list, like `estimate --format json`), atomically."""
-    write_atomic(baseline_path, json.dumps(current, indent=1, sort_keys=True) + "\n")
+    try:
+        write_atomic(baseline_path, json.dumps(current, indent=1, sort_keys=True) + "\n")
+    except OSError as e:
+        raise UserError(f"{baseline_path}: cannot write the baseline: {e.strerror or e}") from None

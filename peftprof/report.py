@@ -1,22 +1,37 @@
 """Reporter: one self-contained interactive HTML file (plotly.js inlined once), markdown, or CSV.
 
-Inputs are runner results and/or `estimate --format json` output (peftprof.results). Every user string
-is escaped: HTML text through html.escape, figure data through plotly's JSON encoder (which writes `<`
-as \\u003c, so nothing in a name can close the script element).
+Inputs are runner results and/or `estimate --format json` output (peftprof.results). Lines that are not
+results are skipped and named on stderr (the input files are never modified); a result whose fields have
+the wrong types is bad input (exit 2, every problem named). Every user string is escaped for where it
+goes: HTML text through html.escape; strings in figures through `_pl` (plotly renders a subset of HTML in
+labels, hover text and titles, so `<a href=...>` would be a live link) and then plotly's JSON encoder
+(which writes `<` as \\u003c, so nothing in a name can close the script element); markdown cells through
+textfmt.md_cell; CSV cells through textfmt.csv_cell (no spreadsheet formulas).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
+import sys
 from pathlib import Path
 
 from .errors import UserError
-from .results import CATEGORIES
-from .results import measured_error, read_results, write_atomic
+from .results import (
+    CATEGORIES,
+    Located,
+    bytes_problem,
+    measured_error,
+    result_files,
+    scan_results_file,
+    show,
+    write_atomic,
+)
+from .textfmt import csv_cell, md_cell, visible
 
 COLORS = dict(zip(CATEGORIES, ("#4c78a8", "#9ecae9", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b",
-                               "#b279a2", "#9d755d")))
+                               "#b279a2", "#9d755d"), strict=True))
 GPU_LINES_GB = (16, 24, 40, 48, 80)
 GIB = 1 << 30
 PHASES = ("built", "wrapped", "forward", "backward", "optimizer", "steady")
@@ -24,6 +39,12 @@ PHASES = ("built", "wrapped", "forward", "backward", "optimizer", "steady")
 
 def _gib(n) -> float | None:
     return None if n is None else n / GIB
+
+
+def _pl(text) -> str:
+    """A string for a plotly label, hover text or title: its pseudo-HTML (<a href>, <b>, <br>, &entities;)
+    shown as text. Plotly decodes &amp; &lt; &gt; back to the characters."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _measured(r: dict) -> dict | None:
@@ -56,7 +77,7 @@ def summary_rows(records: list[dict]) -> list[dict]:
     for i, r in enumerate(records):
         m = _measured(r) or {}
         err = error_pct(r)
-        status = r.get("status", "estimate")
+        status = r.get("status") or "estimate"
         if r.get("error"):
             status += f" ({r['error'].get('phase')})"
         est = r["estimate"]
@@ -79,7 +100,7 @@ MAX_FULL_LABELS = 12  # more variants than this are labelled #1, #2, ... (the su
 
 def _labels(records) -> list[str]:
     if len(records) <= MAX_FULL_LABELS:
-        return [r["variant"] for r in records]
+        return [_pl(r["variant"]) for r in records]
     return [f"#{i + 1}" for i in range(len(records))]
 
 
@@ -88,9 +109,9 @@ def _fig_breakdown(records):
 
     fig = go.Figure()
     names = _labels(records)
-    hover = [r["variant"] for r in records]
+    hover = [_pl(r["variant"]) for r in records]
     for cat in CATEGORIES:
-        fig.add_bar(name=f"{cat} (estimated)", x=names, y=[_gib(r["estimate"]["breakdown"].get(cat, 0)) for r in records],
+        fig.add_bar(name=f"{cat} (estimated)", x=names, y=[_gib(r["estimate"]["breakdown"].get(cat)) for r in records],
                     marker_color=COLORS[cat], offsetgroup="estimate", legendgroup=cat, hovertext=hover)
         if any(_measured(r) and _measured(r).get("breakdown") for r in records):
             fig.add_bar(name=f"{cat} (measured)", x=names,
@@ -109,7 +130,7 @@ def _fig_breakdown(records):
 def _fig_scatter(records):
     import plotly.graph_objects as go
 
-    pts = [(r["estimate"]["peak_bytes"] / GIB, _measured(r)["peak_bytes"] / GIB, r["variant"])
+    pts = [(r["estimate"]["peak_bytes"] / GIB, _measured(r)["peak_bytes"] / GIB, _pl(r["variant"]))
            for r in records if _measured(r)]
     fig = go.Figure()
     if not pts:
@@ -126,10 +147,14 @@ def _fig_scatter(records):
                              title="Estimate against measurement")
 
 
+def _overrides(r: dict) -> dict:
+    return (r.get("scenario") or {}).get("overrides") or {}
+
+
 def _axes(records) -> list[str]:
     keys: dict[str, None] = {}
     for r in records:
-        for k in ((r.get("scenario") or {}).get("overrides") or {}):
+        for k in _overrides(r):
             keys[k] = None
     return list(keys)
 
@@ -144,20 +169,20 @@ def _fig_sweeps(records):
         fig = make_subplots(rows=1, cols=2, subplot_titles=("peak memory (GiB)", "tokens/s"))
         groups: dict[str, list] = {}
         for r in records:
-            ov = r["scenario"]["overrides"]
+            ov = _overrides(r)
             label = ", ".join(f"{a}={json.dumps(ov.get(a))}" for a in others) or "all"
-            groups.setdefault(f"{r['scenario'].get('scenario', '')} {label}", []).append(r)
+            groups.setdefault(_pl(f"{(r.get('scenario') or {}).get('scenario') or ''} {label}"), []).append(r)
         palette = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d", "#ff9da6")
         for n, (label, rs) in enumerate(groups.items()):
             color = palette[n % len(palette)]
-            xs = [json.dumps(r["scenario"]["overrides"].get(axis)) for r in rs]
+            xs = [_pl(json.dumps(_overrides(r).get(axis))) for r in rs]
             mem = [_gib((_measured(r) or {}).get("peak_bytes") or r["estimate"]["peak_bytes"]) for r in rs]
             tps = [(_measured(r) or {}).get("tokens_per_s") or r["estimate"].get("predicted_tokens_per_s") for r in rs]
             fig.add_scatter(x=xs, y=mem, mode="lines+markers", name=label, legendgroup=label, line_color=color,
                             row=1, col=1)
             fig.add_scatter(x=xs, y=tps, mode="lines+markers", name=label, legendgroup=label, showlegend=False,
                             line_color=color, row=1, col=2)
-        fig.update_layout(title=f"Along {axis} (measured where available, else estimated)", height=420)
+        fig.update_layout(title=_pl(f"Along {axis} (measured where available, else estimated)"), height=420)
         figs.append((axis, fig))
     return figs
 
@@ -168,8 +193,9 @@ def _fig_timeline(records):
     fig = go.Figure()
     measured = [r for r in records if _measured(r) and _measured(r).get("phases")]
     for r in measured:
-        ph = {p["phase"]: p["bytes"] for p in _measured(r)["phases"]}
-        fig.add_scatter(x=list(PHASES), y=[_gib(ph.get(p)) for p in PHASES], mode="lines+markers", name=r["variant"])
+        ph = {p["phase"]: p.get("bytes") for p in _measured(r)["phases"]}
+        fig.add_scatter(x=list(PHASES), y=[_gib(ph.get(p)) for p in PHASES], mode="lines+markers",
+                        name=_pl(r["variant"]))
     if not measured:
         fig.add_annotation(text="not measured", showarrow=False, font_size=20)
     return fig.update_layout(title="Memory per phase", yaxis_title="GiB", height=420)
@@ -203,7 +229,8 @@ def check_rows(records) -> list[dict]:
                     "merged vs unmerged max |diff|": c.get("merge_max_abs_diff", c.get("note")),
                     "unmerged ms/forward": None if c.get("unmerged_latency_ms") is None
                     else round(c["unmerged_latency_ms"], 2),
-                    "merged ms/forward": None if c.get("merged_latency_ms") is None else round(c["merged_latency_ms"], 2),
+                    "merged ms/forward": None if c.get("merged_latency_ms") is None
+                    else round(c["merged_latency_ms"], 2),
                     "quantization rel. error": c.get("quantization_rel_error"),
                     "note": c.get("merge_note")})
     return out
@@ -214,13 +241,15 @@ Plotly.newPlot(el,f.data,f.layout,{responsive:true,displaylogo:false});}
 function drawAll(){document.querySelectorAll('.plot').forEach(drawPlot);}
 document.addEventListener('DOMContentLoaded',function(){var els=document.querySelectorAll('.plot');
 if(!('IntersectionObserver' in window)){drawAll();return;}
-var io=new IntersectionObserver(function(es){es.forEach(function(e){if(e.isIntersecting){drawPlot(e.target);io.unobserve(e.target);}});},{rootMargin:'200px'});
+var io=new IntersectionObserver(function(es){es.forEach(function(e){
+if(e.isIntersecting){drawPlot(e.target);io.unobserve(e.target);}});},{rootMargin:'200px'});
 els.forEach(function(el){io.observe(el);});});
 window.addEventListener('load',function(){setTimeout(drawAll,0);});"""
 SORT_JS = """function sortTable(id,col){var t=document.getElementById(id),b=t.tBodies[0],rows=Array.from(b.rows);
 var asc=t.dataset.col==col&&t.dataset.dir!='asc';t.dataset.col=col;t.dataset.dir=asc?'asc':'desc';
 rows.sort(function(a,c){var x=a.cells[col].textContent,y=c.cells[col].textContent,nx=parseFloat(x),ny=parseFloat(y);
-var r=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return asc?r:-r;});rows.forEach(function(r){b.appendChild(r);});}"""
+var r=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return asc?r:-r;});
+rows.forEach(function(r){b.appendChild(r);});}"""
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
 td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}th{cursor:pointer;background:#f4f4f4}
 td:first-child{text-align:left}footer{margin-top:3em;font-size:12px;color:#666}.plot{margin:1em 0}"""
@@ -257,18 +286,19 @@ def render_html(records: list[dict], title: str) -> str:
 
 def render_markdown(records: list[dict]) -> str:
     rows = summary_rows(records)
-    lines = ["| variant | status | estimated GiB | measured GiB | error % | tokens/s |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| variant | status | estimated GiB | measured GiB | error % | tokens/s |",
+             "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         cells = [r["variant"], r["status"], f"{r['estimated_gib']:.2f}",
                  "-" if r["measured_gib"] is None else f"{r['measured_gib']:.2f}",
                  "-" if r["error_pct"] is None else f"{r['error_pct']:+.1f}",
                  "-" if r["measured_tokens_per_s"] is None else f"{r['measured_tokens_per_s']:,.0f}"]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     lines += ["", "| variant | " + " | ".join(CATEGORIES) + " |", "|---|" + "---:|" * len(CATEGORIES)]
     for r in records:
         b = r["estimate"]["breakdown"]
-        lines.append(f"| {r['variant'].replace('|', chr(92) + '|')} | "
-                     + " | ".join(f"{b.get(c, 0) / GIB:.2f}" for c in CATEGORIES) + " |")
+        lines.append(f"| {md_cell(r['variant'])} | "
+                     + " | ".join(f"{(b.get(c) or 0) / GIB:.2f}" for c in CATEGORIES) + " |")
     return "\n".join(lines) + "\n\n(estimated breakdown, GiB)\n"
 
 
@@ -276,24 +306,139 @@ def render_csv(records: list[dict]) -> str:
     import pandas as pd
 
     rows = []
-    for r, s in zip(records, summary_rows(records)):
+    for r, s in zip(records, summary_rows(records), strict=True):
         row = dict(s)
         row.update({f"est_{c}_bytes": r["estimate"]["breakdown"].get(c) for c in CATEGORIES})
         m = _measured(r) or {}
         row.update({f"meas_{c}_bytes": (m.get("breakdown") or {}).get(c) for c in CATEGORIES})
-        rows.append(row)
+        rows.append({k: csv_cell(v) for k, v in row.items()})
     return pd.DataFrame(rows).to_csv(index=False)
 
 
-def write_report(inputs, out: str | Path, fmt: str = "html") -> Path:
-    records = read_results(inputs)
+# Fields the report reads besides the schema results.py checks: (dotted path, kind); null or absent is fine.
+REPORT_FIELDS = (
+    ("status", "string"), ("error", "object"), ("scenario", "object"), ("scenario.scenario", "string"),
+    ("scenario.description", "string"), ("scenario.overrides", "object"),
+    *((f"estimate.breakdown.{c}", "bytes") for c in CATEGORIES), ("estimate.device_bytes", "bytes"),
+    ("estimate.predicted_tokens_per_s", "number"), ("estimate.n_trainable_params", "count"),
+    ("measured", "object"), ("measured.peak_bytes", "bytes"), ("measured.tokens_per_s", "number"),
+    ("measured.breakdown", "object"), *((f"measured.breakdown.{c}", "bytes") for c in CATEGORIES),
+    ("measured.phases", "list"), ("checks", "object"), ("checks.identity_max_abs_diff", "number"),
+    ("checks.merge_max_abs_diff", "number"), ("checks.unmerged_latency_ms", "number"),
+    ("checks.merged_latency_ms", "number"), ("checks.quantization_rel_error", "number"), ("provenance", "object"),
+)
+_KINDS = {"string": "a string", "object": "an object", "list": "a list", "number": "a number",
+          "count": "a whole number >= 0"}
+
+
+def _kind_ok(value, kind: str) -> bool:
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "list":
+        return isinstance(value, list)
+    if isinstance(value, bool):
+        return False
+    if kind == "number":  # NaN is a number here (a diverged check); ints must convert to float
+        return isinstance(value, float) or (isinstance(value, int) and abs(value) <= 10**18)
+    return isinstance(value, int) and 0 <= value <= 10**18  # count
+
+
+def field_problems(loc: Located) -> list[str]:
+    """Every field of one record the report reads that has the wrong type (file, line, variant, field)."""
+    prefix = f"{loc.path}: {loc.where}: variant {visible(loc.record['variant'])}"
+    problems, wrong = [], set()
+    for path, kind in REPORT_FIELDS:
+        parent, _, key = path.rpartition(".")
+        if parent in wrong:
+            continue
+        obj = loc.record
+        for part in parent.split(".") if parent else ():
+            obj = obj.get(part) if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or obj.get(key) is None:
+            continue
+        value = obj[key]
+        why = bytes_problem(value) if kind == "bytes" else None if _kind_ok(value, kind) else (
+            f"{show(value)} is not {_KINDS[kind]}")
+        if why:
+            wrong.add(path)
+            problems.append(f"{prefix}: {path}: {why}")
+    for i, ph in enumerate(((loc.record.get("measured") or {}).get("phases") or [])
+                           if "measured.phases" not in wrong and "measured" not in wrong else [], 1):
+        if not isinstance(ph, dict) or not isinstance(ph.get("phase"), str):
+            problems.append(f"{prefix}: measured.phases[{i}]: {show(ph)} is not an object with a \"phase\" string")
+        elif ph.get("bytes") is not None and (why := bytes_problem(ph["bytes"])):
+            problems.append(f"{prefix}: measured.phases[{i}].bytes: {why}")
+    return problems
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def load_records(inputs, warn=_warn) -> list[dict]:
+    """Records to report. Lines (or items) that are not results are skipped and each named through `warn`;
+    the files are not modified (`peftprof run` sets such lines aside when it resumes). Unreadable files and
+    records whose fields have the wrong types: UserError naming every problem."""
+    records, problems = [], []
+    try:
+        files = result_files(inputs)
+    except UserError as e:
+        raise UserError(e.problems) from None
+    for f in files:
+        try:
+            good, bad = scan_results_file(f)
+        except UserError as e:
+            problems += e.problems
+            continue
+        if not good and not bad:
+            warn(f"{f}: empty results file; skipped")
+        for b in bad:
+            warn(f"{f}: {b.where}: {b.reason}; skipped (the file is left as it is)")
+        for loc in good:
+            problems += field_problems(loc)
+            records.append(loc.record)
+    if problems:
+        raise UserError(problems)
     if not records:
         raise UserError(f"{', '.join(map(str, inputs))}: no results to report")
+    return records
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_output(out: Path, inputs) -> None:
+    """The report's path must be a file name that is none of the inputs."""
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; give the report a file name, e.g. -o {out / 'report.html'}")
+    try:
+        files = result_files(inputs)
+    except UserError:
+        return  # load_records says what is wrong with the inputs
+    for f in files:
+        if _same_file(out, f):
+            raise UserError(f"{out}: is the input {f}; writing the report there would overwrite it "
+                            "(give another -o)")
+
+
+def write_report(inputs, out: str | Path, fmt: str = "html", warn=_warn) -> Path:
     out = Path(out)
+    check_output(out, inputs)
+    records = load_records(inputs, warn)
     title = "peftprof report: " + ", ".join(dict.fromkeys(
-        (r.get("scenario") or {}).get("scenario", r["variant"]) for r in records))
+        (r.get("scenario") or {}).get("scenario") or r["variant"] for r in records))
     text = {"html": lambda: render_html(records, title), "markdown": lambda: render_markdown(records),
             "csv": lambda: render_csv(records)}[fmt]()
-    write_atomic(out, text)
+    try:
+        write_atomic(out, text)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the report: {e.strerror or e}") from None
     return out
-

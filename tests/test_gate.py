@@ -76,15 +76,15 @@ def test_added_and_removed_variants(tmp_path):
     assert gate(cur, "--baseline", base, "--strict").exit_code == 1
 
 
-@pytest.mark.parametrize("content,message", [
-    ("", "empty results file"),
-    ("{not json", "line 1: not valid JSON"),
-    ("[1, 2]", "item 1: not a result object"),
-    ('[{"variant": "a", "estimate": {"peak": 3}}]', "item 1: estimate lacks peak_bytes/breakdown (wrong schema)"),
-    ('[{"name": "a"}]', "item 1: not a peftprof result (missing variant, estimate)"),
-    ("\x00\x01\xff", "not UTF-8 text"),
+@pytest.mark.parametrize("content,message,n_lines", [
+    ("", "empty results file", 1),
+    ("{not json", "line 1: not valid JSON", 1),
+    ("[1, 2]", "item 1: not a result object", 2),  # every bad item, one line each
+    ('[{"variant": "a", "estimate": {"peak": 3}}]', "item 1: estimate lacks peak_bytes/breakdown (wrong schema)", 1),
+    ('[{"name": "a"}]', "item 1: not a peftprof result (missing variant, estimate)", 1),
+    ("\x00\x01\xff", "not UTF-8 text", 1),
 ])
-def test_bad_files_exit_2_without_traceback(tmp_path, content, message):
+def test_bad_files_exit_2_without_traceback(tmp_path, content, message, n_lines):
     good = write(tmp_path, "base.json", [record("a")])
     bad = tmp_path / "bad.json"
     bad.write_bytes(content.encode("latin-1"))
@@ -92,7 +92,9 @@ def test_bad_files_exit_2_without_traceback(tmp_path, content, message):
         result = gate(*args)
         assert result.exit_code == 2, result.output
         assert result.output.startswith(f"error: {bad}: {message}")
-        assert result.output.count("\n") == 1 and "Traceback" not in result.output
+        assert result.output.count("\n") == n_lines and "Traceback" not in result.output
+    if n_lines == 2:
+        assert result.output.splitlines()[1] == f"error: {bad}: item 2: not a result object"
 
 
 def test_missing_file_unknown_gpu_and_measured_without_measurement(tmp_path):
@@ -150,3 +152,124 @@ def test_exact_fails_on_any_change(tmp_path):
     result = gate(cur, "--baseline", base, "--exact")
     assert result.exit_code == 1 and "1 changed within tolerance" in result.output
     assert gate(base, "--baseline", base, "--exact").exit_code == 0
+
+
+# --- fail closed: a value the gate cannot compare is exit 2, naming file, variant and field (docs/gate.md) ---
+
+BYTES = "(allowed: a whole number of bytes, a JSON integer from 0 to 2**60)"
+
+
+def measured(variant, peak):
+    rec = record(variant)
+    rec.update(status="ok", measured={"peak_bytes": peak, "breakdown": {"weights": 9 * GIB}})
+    return rec
+
+
+def write_jsonl(tmp_path, name, records):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in records))  # json.dumps writes NaN/Infinity literals
+    return str(p)
+
+
+def test_nan_measured_peaks_fail_closed(tmp_path):
+    base = write_jsonl(tmp_path, "base.jsonl", [measured("a", float("nan"))])
+    cur = write_jsonl(tmp_path, "cur.jsonl", [measured("a", 100 * 9 * GIB)])
+    result = gate(cur, "--baseline", base, "--metric", "measured")
+    assert result.exit_code == 2  # was 0: NaN * (1 + tol) compares false, so a 100x growth passed
+    assert result.output == f"error: {base}: line 1: variant a: measured.peak_bytes: NaN is not a byte count {BYTES}\n"
+    result = gate(base, "--baseline", cur, "--metric", "measured")
+    assert result.exit_code == 2
+    assert result.output == f"error: {base}: line 1: variant a: measured.peak_bytes: NaN is not a byte count {BYTES}\n"
+
+
+def test_nan_device_bytes_is_not_ok_under_a_budget(tmp_path):
+    rec = record("a")
+    rec["estimate"]["device_bytes"] = float("nan")
+    path = write(tmp_path, "cur.json", [rec])
+    result = gate(path, "--baseline", path, "--budget", "1MiB")
+    assert result.exit_code == 2  # was 0 with status ok
+    assert result.output == (f"error: {path}: item 1: variant a: estimate.device_bytes: NaN is not a byte count "
+                             f"{BYTES}\n")
+
+
+def test_every_value_the_gate_cannot_compare_is_named_at_once(tmp_path):
+    a = record("a")
+    a["scenario"] = "qlora"
+    a["estimate"]["breakdown"].update(weights=float("nan"), logits=float("inf"), activations="3GiB")
+    b = record("b")
+    b["estimate"]["breakdown"]["optimizer"] = 10**400
+    c = record(["c"])
+    d = record("d")
+    d["estimate"]["breakdown"]["gradients"] = True
+    cur = write(tmp_path, "cur.json", [a, b, c, d, record("a")])
+    base = write(tmp_path, "base.json", [record("a")])
+    result = gate(cur, "--baseline", base)
+    assert result.exit_code == 2, result.output  # was 1 (a traceback, which CI reads as "regression")
+    assert "Traceback" not in result.output
+    assert result.output.splitlines() == [
+        f"error: {cur}: item 3: variant: [\"c\"] is not a variant name (allowed: a non-empty string)",
+        f"error: {cur}: item 1: variant a: scenario: \"qlora\" is not an object of resolved settings",
+        f"error: {cur}: item 1: variant a: estimate.breakdown.weights: NaN is not a byte count {BYTES}",
+        f"error: {cur}: item 1: variant a: estimate.breakdown.activations: \"3GiB\" is not a byte count {BYTES}",
+        f"error: {cur}: item 1: variant a: estimate.breakdown.logits: Infinity is not a byte count {BYTES}",
+        f"error: {cur}: item 2: variant b: estimate.breakdown.optimizer: an integer of 401 digits is out of range "
+        f"{BYTES}",
+        f"error: {cur}: item 4: variant d: estimate.breakdown.gradients: true is not a byte count {BYTES}",
+        f"error: {cur}: item 5: variant a appears more than once in CURRENT (first at {cur}: item 1)",
+    ]
+
+
+def test_bad_values_in_both_files_are_reported_together_and_update_writes_nothing(tmp_path):
+    bad_cur = record("a")
+    bad_cur["estimate"]["peak_bytes"] = -1
+    bad_base = record("a")
+    bad_base["estimate"]["breakdown"]["overhead"] = 1.5
+    cur = write(tmp_path, "cur.json", [bad_cur])
+    base = write(tmp_path, "base.json", [bad_base])
+    before = (tmp_path / "base.json").read_text()
+    result = gate(cur, "--baseline", base, "--update")
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"error: {cur}: item 1: variant a: estimate.peak_bytes: -1 is out of range {BYTES}",
+        f"error: {base}: item 1: variant a: estimate.breakdown.overhead: 1.5 is not a byte count {BYTES}"]
+    assert (tmp_path / "base.json").read_text() == before
+    result = gate(cur, "--baseline", tmp_path / "new.json", "--update")
+    assert result.exit_code == 2 and not (tmp_path / "new.json").exists()
+
+
+def test_oom_variant_has_no_measurement_and_all_are_named(tmp_path):
+    oom = record("b")
+    oom.update(status="oom", measured=None)
+    path = write_jsonl(tmp_path, "run.jsonl", [record("a"), oom])
+    result = gate(path, "--baseline", path, "--metric", "measured")
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"error: {path}: line 1: variant a has no measurement (status \"estimate only\"); use --metric estimated",
+        f"error: {path}: line 2: variant b has no measurement (status \"oom\"); use --metric estimated"]
+
+
+@pytest.mark.parametrize("budget,message", [
+    ("0.5", "'0.5' is 0.5 bytes: a size must be at least 1 byte; e.g. 512MiB, 16GiB, 24GB"),
+    ("0", "'0' is 0 bytes: a size must be at least 1 byte; e.g. 512MiB, 16GiB, 24GB"),
+    ("1.5", "'1.5' is 1.5 bytes: a size must be a whole number of bytes; e.g. 512MiB, 16GiB, 24GB"),
+    ("1e400", "'1e400' is more than 2**60 bytes (1 EiB); e.g. 512MiB, 16GiB, 24GB"),
+    ("nan", "'nan' is not a size (e.g. 512MiB, 16GiB, 24GB)"),
+])
+def test_budget_must_be_a_whole_number_of_bytes(tmp_path, budget, message):
+    path = write(tmp_path, "cur.json", [record("a")])
+    result = gate(path, "--baseline", path, "--budget", budget)
+    assert result.exit_code == 2
+    assert result.output == f"error: --budget: {message}\n"
+
+
+def test_markdown_and_text_keep_names_inert(tmp_path):
+    evil = "x\n| y | ok | 1 | 1 | +0% | |\n[PASS](https://evil.example) <b>\x1b[2J"
+    path = write(tmp_path, "cur.json", [record(evil)])
+    md = gate(path, "--baseline", path, "--format", "markdown")
+    assert md.exit_code == 0
+    rows = [line for line in md.output.splitlines() if line.startswith("|")]
+    assert len(rows) == 3  # header, rule, one variant: the newline did not add a row
+    assert rows[2] == ("| x \\| y \\| ok \\| 1 \\| 1 \\| +0% \\| \\| [PASS]\\(https://evil.example) &lt;b&gt;\\x1b[2J "
+                       "| ok | 10.00 | 10.00 | +0.00% |  |")
+    text = gate(path, "--baseline", path).output
+    assert "\x1b" not in text and "\\x1b[2J" in text and text.count("\n") == 4  # header, rule, row, summary

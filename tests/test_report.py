@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-
 from conftest import TINY_MODEL
 
 from peftprof.cli import cli
@@ -75,7 +74,10 @@ def evil_records(results):
     evil["scenario"]["description"] = "<img src=x onerror=alert('y')>"
     evil["status"] = "error"
     evil["error"] = {"phase": "<b>forward</b>", "message": "</script><script>alert('z')</script>"}
-    return recs + [evil]
+    link = copy.deepcopy(recs[1])
+    link["variant"] = '<a href="https://evil.example">click</a>'  # plotly would draw it as a live link
+    link["scenario"]["scenario"] = link["variant"]
+    return recs + [evil, link]
 
 
 def test_user_strings_are_escaped(results):
@@ -83,7 +85,8 @@ def test_user_strings_are_escaped(results):
     assert "<script>alert(" not in html
     assert "<img src=x" not in html
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html
-    assert "\\u003cscript\\u003ealert" in html  # inside figure JSON
+    # inside figure JSON: as text for plotly's pseudo-HTML (it decodes &lt; back to <)
+    assert "&lt;script&gt;alert('x')&lt;\\u002fscript&gt;" in html
 
 
 def test_markdown_is_two_tables(results):
@@ -137,10 +140,11 @@ def test_report_renders_in_chromium_without_errors(results, tmp_path):
         for page_path in (path, evil):
             page = b.new_page(viewport={"width": 1300, "height": 900})
             problems, requests = [], []
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-            page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+            page.on("console", lambda m, out=problems: out.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e, out=problems: out.append(str(e)))
+            page.on("dialog", lambda d, out=problems: (out.append(f"dialog: {d.message}"), d.dismiss()))
+            page.on("request", lambda r, out=requests: out.append(r.url)
+                    if not r.url.startswith(("file:", "data:")) else None)
             page.goto(page_path.as_uri(), wait_until="load")
             page.wait_for_function(
                 "Array.from(document.querySelectorAll('.plot')).every(d => d.querySelector('svg.main-svg'))",
@@ -149,6 +153,163 @@ def test_report_renders_in_chromium_without_errors(results, tmp_path):
             drawn = page.evaluate("Array.from(document.querySelectorAll('.plot'))"
                                   ".filter(d => d.querySelectorAll('svg.main-svg g.trace').length > 0).length")
             assert n_plots == 4 and drawn == n_plots  # breakdown, scatter, one sweep axis, timeline
+            assert page.evaluate("document.querySelectorAll('.plot svg a').length") == 0  # names are text
+            if page_path == evil:
+                assert page.evaluate("Array.from(document.querySelectorAll('.plot svg text'))"
+                                     ".some(t => t.textContent.includes('<a href='))")  # shown as written
             assert problems == [] and requests == []
             page.close()
         b.close()
+
+
+# --- bad input: wrong types, output paths, corrupt lines ---
+
+def report(*args):
+    return CliRunner().invoke(cli, ["report", *map(str, args)])
+
+
+def result_lines(results):
+    return Path(results).read_text().splitlines()
+
+
+def test_wrong_field_types_are_exit_2_naming_file_line_and_field(results, tmp_path):
+    rec = json.loads(result_lines(results)[0])
+    rec["measured"]["peak_bytes"] = "big"
+    rec["measured"]["tokens_per_s"] = [1]
+    rec["measured"]["phases"] = [{"phase": 1, "bytes": 3}, {"phase": "forward", "bytes": -3}]
+    rec["scenario"]["description"] = ["x"]
+    rec["checks"] = "none"
+    rec["error"] = "boom"
+    path = tmp_path / "bad.jsonl"
+    path.write_text(result_lines(results)[1] + "\n" + json.dumps(rec) + "\n")
+    result = report(path, "-o", tmp_path / "r.html")
+    assert result.exit_code == 2  # was 1: a traceback
+    p = f"error: {path}: line 2: variant tiny[peft.r=2]"
+    assert result.output.splitlines() == [
+        f"{p}: error: \"boom\" is not an object",
+        f"{p}: scenario.description: [\"x\"] is not a string",
+        f"{p}: measured.peak_bytes: \"big\" is not a byte count (allowed: a whole number of bytes, a JSON integer "
+        "from 0 to 2**60)",
+        f"{p}: measured.tokens_per_s: [1] is not a number",
+        f"{p}: checks: \"none\" is not an object",
+        f"{p}: measured.phases[1]: {{\"phase\": 1, \"bytes\": 3}} is not an object with a \"phase\" string",
+        f"{p}: measured.phases[2].bytes: -3 is out of range (allowed: a whole number of bytes, a JSON integer from 0 "
+        "to 2**60)",
+    ]
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_output_onto_a_directory_or_an_unwritable_path_is_exit_2(estimates, tmp_path):
+    result = report(estimates, "-o", tmp_path)
+    assert result.exit_code == 2
+    assert result.output == (f"error: {tmp_path}: is a directory; give the report a file name, e.g. -o "
+                             f"{tmp_path / 'report.html'}\n")
+    (tmp_path / "file").write_text("x")
+    result = report(estimates, "-o", tmp_path / "file" / "r.html")  # a file where a directory should be
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {tmp_path / 'file' / 'r.html'}: cannot write the report: ")
+    assert result.output.count("\n") == 1
+    result = report(estimates, "-o", "/sys/peftprof-report.html")  # read-only, even for root
+    assert result.exit_code == 2
+    assert result.output in ("error: /sys/peftprof-report.html: cannot write the report: Permission denied\n",
+                             "error: /sys/peftprof-report.html: cannot write the report: Read-only file system\n")
+
+
+def test_output_that_is_an_input_is_refused(estimates, tmp_path, monkeypatch):
+    keep = tmp_path / "keep.json"
+    keep.write_text(Path(estimates).read_text())
+    before = keep.read_text()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.json").symlink_to(keep)
+    monkeypatch.chdir(tmp_path)
+    for out in ("keep.json", str(keep), "sub/../keep.json", "link.json", str(tmp_path / "link.json")):
+        result = report("keep.json", "-o", out, "--format", "markdown")
+        assert result.exit_code == 2, out
+        assert result.output == (f"error: {out}: is the input keep.json; writing the report there would overwrite "
+                                 "it (give another -o)\n")
+    result = report(tmp_path, "-o", "keep.json")  # an input found inside a directory
+    assert result.exit_code == 2 and "is the input" in result.output
+    assert keep.read_text() == before
+
+
+def test_corrupt_lines_are_skipped_named_and_left_in_place(results, tmp_path):
+    good = result_lines(results)
+    path = tmp_path / "run.jsonl"
+    content = good[0] + "\n" + '{"variant": "tiny' + "\n[1, 2]\n" + good[1] + "\n"  # a line cut short
+    path.write_text(content)
+    result = report(path, "-o", tmp_path / "r.md", "--format", "markdown")
+    assert result.exit_code == 0  # was 2: one bad line blocked the whole report
+    assert result.stderr.splitlines() == [
+        f"warning: {path}: line 2: not valid JSON (Unterminated string starting at: line 1 column 13 (char 12)); "
+        "skipped (the file is left as it is)",
+        f"warning: {path}: line 3: not a result object; skipped (the file is left as it is)"]
+    md = (tmp_path / "r.md").read_text()
+    assert "| tiny[peft.r=2] | ok |" in md and "| tiny[peft.r=8] | ok |" in md
+    assert path.read_text() == content
+    path.write_text("garbage\n")
+    result = report(path, "-o", tmp_path / "r2.md")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == f"error: {path}: no results to report"
+
+
+def test_salvaging_reader_moves_bad_lines_aside(results, tmp_path):
+    from peftprof.results import read_results_salvaging
+
+    good = result_lines(results)
+    path = tmp_path / "run.jsonl"
+    bad1, bad2 = good[1][:40].encode(), b"\xff\xfe not utf-8"
+    path.write_bytes(good[0].encode() + b"\n" + bad1 + b"\n\n" + bad2 + b"\n" + good[1].encode() + b"\n")
+    records, side = read_results_salvaging(path)
+    assert [r["variant"] for r in records] == ["tiny[peft.r=2]", "tiny[peft.r=8]"]
+    assert side.parent == tmp_path and re.fullmatch(r"run\.jsonl\.bad-\d{8}T\d{6}Z", side.name)
+    assert side.read_bytes() == bad1 + b"\n" + bad2 + b"\n"
+    assert path.read_text() == good[0] + "\n" + good[1] + "\n"
+    again, side2 = read_results_salvaging(path)
+    assert side2 is None and [r["variant"] for r in again] == ["tiny[peft.r=2]", "tiny[peft.r=8]"]
+    assert read_results_salvaging(tmp_path / "none.jsonl") == ([], None)
+    path.write_text("x\n")
+    path.chmod(0o644)
+    _, side3 = read_results_salvaging(path)
+    assert side3 != side and side3.read_text() == "x\n" and path.read_text() == ""
+
+
+# --- output injection: plotly pseudo-HTML, markdown rows, CSV formulas ---
+
+LINK = '<a href="https://evil.example">click</a>'
+
+
+def named(estimates, *names):
+    recs = json.loads(Path(estimates).read_text())
+    out = []
+    for i, name in enumerate(names):
+        r = copy.deepcopy(recs[i % 2])
+        r["variant"] = name
+        out.append(r)
+    return out
+
+
+def test_names_reach_plotly_as_text(estimates):
+    html = render_html(named(estimates, LINK, "b&lt;"), "t")
+    specs = "".join(re.findall(r"FIGS\[[^\]]*\]=(.*?);</script>", html))
+    assert "\\u003ca href" not in specs and "<a href" not in specs  # plotly would draw a live link
+    assert "&lt;a href=\\\"https:\\u002f\\u002fevil.example\\\"&gt;click&lt;\\u002fa&gt;" in specs
+    assert "b&amp;lt;" in specs  # a literal "&lt;" in a name stays "&lt;" on screen
+
+
+def test_markdown_report_names_cannot_add_rows(estimates):
+    md = render_markdown(named(estimates, "a\n| fake | ok | 0 | 0 | 0 | 0 |", "b|c"))
+    rows = [r for r in md.splitlines() if r.startswith("|")]
+    assert len(rows) == 8  # two tables: header, rule, two variants each
+    assert rows[2].startswith("| a \\| fake \\| ok \\| 0 \\| 0 \\| 0 \\| 0 \\| | estimate |")
+    assert rows[3].startswith("| b\\|c | estimate |")
+
+
+def test_csv_report_cells_are_not_formulas(estimates, tmp_path):
+    path = tmp_path / "evil.json"
+    path.write_text(json.dumps(named(estimates, "=HYPERLINK(\"https://evil.example\")", "-2+3", "@SUM(A1)",
+                                     "\tx", "-1.5", "plain")))
+    result = report(path, "--format", "csv", "-o", "-")
+    assert result.exit_code == 0
+    df = pd.read_csv(io.StringIO(result.stdout), keep_default_na=False, dtype=str)
+    assert list(df["variant"]) == ["'=HYPERLINK(\"https://evil.example\")", "'-2+3", "'@SUM(A1)", "'\tx", "-1.5",
+                                   "plain"]
