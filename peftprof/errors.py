@@ -88,4 +88,5 @@ class UserError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
     def lines(self) -> list[str]:
-        return [str(p) for p in self.problems]
+        # plain-string problems may carry user text (paths, names): escape control characters there too
+        return [str(p) if isinstance(p, Problem) else clean(p, 4000) for p in self.problems]

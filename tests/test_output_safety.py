@@ -84,3 +84,9 @@ def test_documented_ci_step_keeps_the_gate_exit_code_and_publishes_the_table(tmp
     assert summary.read_text() == "earlier step\n" + gate_output
     assert run.stdout == gate_output  # the table is in the job log too, whatever the verdict
     assert run.stderr == ("error: bad\n" if code == 2 else "")
+
+
+def test_plain_string_user_errors_escape_control_characters():
+    from peftprof.errors import UserError
+
+    assert UserError("reports/a\x1b[31mb.jsonl: no such file").lines() == ["reports/a\\u001b[31mb.jsonl: no such file"]
