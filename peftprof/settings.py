@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 from .arch import Arch, LinearSpec, build_arch
 

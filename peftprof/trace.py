@@ -200,15 +200,15 @@ def _mask_decisions_as_in_real_runs(s: Scenario):
 
 def trace_peak(s: Scenario) -> dict:
     """Tensor-level peak and breakdown of a steady-state step, traced on fake tensors (CPU semantics)."""
+    import logging
+    import warnings
+
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .run.build import adapt, base_model, make_optimizer, model_bytes
     from .run.step import optimizer_state, registered_tensors, train_step
     from .run.track import MemoryTracker
-
-    import logging
-    import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
