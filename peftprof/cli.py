@@ -172,6 +172,9 @@ def estimate(scenarios, gpu_name, device, method, fmt, mfu):
     from .textfmt import csv_text, table
 
     results = _estimates(scenarios, method, device, gpu_name, mfu or DEFAULT_MFU)
+    for _, e in results:
+        if e.get("note"):
+            click.echo(f"note: {e['note']}", err=True)
     if fmt == "json":
         click.echo(json.dumps([{"variant": v.name, "scenario": v.to_dict(), "estimate": e} for v, e in results],
                               indent=2))
@@ -196,8 +199,8 @@ def fit(scenario, gpu_name, axis, headroom, device, method):
       peftprof fit scenarios/qlora-7b.toml --gpu RTX-4090 --axis seq_len --headroom 10%
     """
     from .estimate import estimate as analytic
-    from .results import CATEGORIES
     from .fit import largest_fitting
+    from .results import CATEGORIES
     from .textfmt import gib, parse_fraction, table
 
     gpu = _gpu(gpu_name)
@@ -245,54 +248,82 @@ def run_summary(records) -> str:
 @click.option("--out", "out_dir", default="reports", show_default=True, help="Directory for results and report.")
 @click.option("--steps", type=click.IntRange(1, 100_000), default=None, help="Measured steps (default: run.steps).")
 @click.option("--force", is_flag=True, help="Re-run variants already measured with the same settings.")
-@click.option("--max-memory", default=None, help="CPU: treat more tracked memory than this as out-of-memory (e.g. 16GiB).")
+@click.option("--max-memory", default=None,
+              help="CPU: treat more tracked memory than this as out-of-memory (e.g. 16GiB).")
 @click.option("--no-report", is_flag=True, help="Do not write the HTML report.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--isolate/--no-isolate", default=None,
+              help="Run each variant in its own process (default: on for cuda, off for cpu).")
 @user_errors
-def run(scenarios, device, out_dir, steps, force, max_memory, no_report, quiet):
+def run(scenarios, device, out_dir, steps, force, max_memory, no_report, quiet, isolate):
     """Train each variant for real on synthetic tokens; measure memory per phase and speed.
 
-    Results go to OUT/<scenario>.jsonl (one JSON object per variant, written as each finishes);
-    running again skips variants already measured unless --force.
+    Results go to OUT/<scenario>.jsonl (one JSON object per variant, merged in as each finishes);
+    running again skips variants already measured with the same settings and options unless --force.
+    Ctrl-C or SIGTERM saves what finished and exits 130 (SIGINT) or 143 (SIGTERM).
 
     \b
     Example:
       peftprof run scenarios/quickstart.toml --device cpu
     """
-    from .textfmt import parse_size
+    from .run.session import interrupt_exit_code, signals_as_interrupts
 
-    cap = None if max_memory is None else _parsed("--max-memory", parse_size, max_memory)
-    variants = _load(scenarios)
-    from .run.runner import resolve_device
-    from .run.session import run_scenarios
+    signum = None
+    try:  # Ctrl-C or SIGTERM anywhere, a second one included: the finished variants are saved; exit 130 / 143
+        with signals_as_interrupts():
+            from .textfmt import parse_size
 
-    records, files, interrupted = [], [], False
-    by_device: dict[str, list] = {}
-    for v in variants:
-        by_device.setdefault(device or v.run.device, []).append(v)
-    for dev, group in by_device.items():
-        try:
-            resolved = resolve_device(dev)
-        except RuntimeError as e:
-            raise UserError(f"--device: {e}") from None
-        recs, fs, interrupted = run_scenarios(group, out_dir=out_dir, device=resolved, steps=steps, force=force,
-                                              max_memory=cap, progress=not quiet)
-        records += recs
-        files += fs
-        if interrupted:
-            break
-    click.echo(run_summary(records))
-    for f in dict.fromkeys(files):
-        click.echo(f"results: {f}")
-    if not no_report and records:
-        from .report import write_report
+            cap = None if max_memory is None else _parsed("--max-memory", parse_size, max_memory)
+            variants = _load(scenarios)
+            from .run.runner import resolve_device
+            from .run.session import check_outputs, run_scenarios
 
-        for f in dict.fromkeys(files):
-            html = write_report([f], Path(f).with_suffix(".html"))
-            click.echo(f"report: {html}")
-    if interrupted:
+            by_device: dict[str, list] = {}
+            for v in variants:
+                by_device.setdefault(device or v.run.device, []).append(v)
+            problems, resolved = [], {}
+            for dev, group in by_device.items():
+                try:
+                    resolved[dev] = resolve_device(dev)
+                except RuntimeError as e:
+                    problems += [f"--device: {e}"] if device else [
+                        f'{src}: [run] device: "{dev}": torch sees no CUDA device (allowed on this machine: auto, cpu)'
+                        for src in dict.fromkeys(v.source for v in group)]
+            problems += check_outputs(variants, out_dir)
+            if problems:
+                raise UserError(problems)
+            records, files, failures = [], [], []
+            for dev, group in by_device.items():
+                outcome = run_scenarios(group, out_dir=out_dir, device=resolved[dev], steps=steps, force=force,
+                                        max_memory=cap, progress=not quiet, isolate=isolate)
+                records += outcome.records
+                files += outcome.files
+                failures += outcome.problems
+                signum = outcome.signum
+                if signum or failures:
+                    break
+            click.echo(run_summary(records))
+            for f in dict.fromkeys(files):  # only files that exist
+                click.echo(f"results: {f}")
+            if not no_report and records and not failures:
+                from .report import write_report
+
+                for f in dict.fromkeys(files):
+                    try:
+                        html = write_report([f], Path(f).with_suffix(".html"))
+                    except OSError as e:
+                        failures.append(f"{Path(f).with_suffix('.html')}: cannot write the report: {e.strerror or e}")
+                        continue
+                    click.echo(f"report: {html}")
+            for line in failures:
+                click.echo(f"error: {line}", err=True)
+            if signum:
+                raise KeyboardInterrupt
+            if failures:
+                sys.exit(2)
+    except KeyboardInterrupt as e:
         click.echo("interrupted: the variants that finished are saved; run again to resume", err=True)
-        sys.exit(130)
+        sys.exit(interrupt_exit_code(e, signum=signum))
 
 
 @cli.command()
@@ -313,12 +344,11 @@ def report(results, output, fmt):
     ext = {"html": ".html", "markdown": ".md", "csv": ".csv"}[fmt]
     out = Path(output) if output else Path("reports") / (Path(results[0]).stem + ext)
     if output == "-":
-        from .report import render_csv, render_html, render_markdown
-        from .results import read_results
+        from .report import load_records, render_csv, render_html, render_markdown
 
-        records = read_results(results)
-        click.echo({"html": lambda: render_html(records, "peftprof report"), "markdown": lambda: render_markdown(records),
-                    "csv": lambda: render_csv(records)}[fmt](), nl=False)
+        records = load_records(results)
+        click.echo({"html": lambda: render_html(records, "peftprof report"),
+                    "markdown": lambda: render_markdown(records), "csv": lambda: render_csv(records)}[fmt](), nl=False)
         return
     click.echo(f"report: {write_report(results, out, fmt)}")
 
@@ -354,14 +384,13 @@ def gate(current, baseline, tolerance, budget, gpu_name, metric, fmt, strict, ex
         limit = _parsed("--budget", parse_size, budget)
     elif gpu_name is not None:
         limit = _gpu(gpu_name).memory_bytes
-    cur = gate_mod.load(list(current), "CURRENT")
-    if update and not Path(baseline).exists():
+    creating = update and not Path(baseline).exists()
+    cur, base = gate_mod.load_inputs(list(current), None if creating else baseline, metric)
+    if creating:
         gate_mod.update_baseline(cur, baseline)
         click.echo(f"baseline {baseline} created with {len(cur)} variants")
         return
-    base = gate_mod.load([baseline], "BASELINE")
-    diffs = gate_mod.compare(cur, base, tolerance=tol, budget=limit, metric=metric,
-                             current_path=", ".join(current), baseline_path=baseline)
+    diffs = gate_mod.compare(cur, base, tolerance=tol, budget=limit, metric=metric)
     click.echo(gate_mod.render(diffs, fmt, tolerance=tol, strict=strict, exact=exact))
     if update:
         if Path(baseline).is_dir():

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TINY_MODEL
 
 from peftprof.cli import cli
@@ -160,8 +159,9 @@ def test_an_error_in_one_variant_does_not_stop_the_others(tmp_path, monkeypatch)
     monkeypatch.setattr(runner_mod, "build", flaky)
     records, _, _ = run_scenarios(variants, out_dir=tmp_path, device="cpu", progress=False)
     assert [r["status"] for r in records] == ["ok", "error", "ok"]
-    assert records[1]["error"] == {"phase": "build", "message": "RuntimeError: simulated failure",
-                                   "traceback": records[1]["error"]["traceback"]}
+    assert records[1]["error"] == {"phase": "build", "message": "RuntimeError: simulated failure", "library": None,
+                                   "exception": "RuntimeError", "traceback": records[1]["error"]["traceback"]}
+    assert 'raise RuntimeError("simulated failure")' in records[1]["error"]["traceback"]
 
 
 def test_resume_after_interruption_and_skip_measured(tmp_path, monkeypatch):
@@ -189,13 +189,13 @@ def test_resume_after_interruption_and_skip_measured(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
-def test_corrupt_results_file_is_a_clear_error(tmp_path):
+def test_unreadable_results_file_is_a_clear_error(tmp_path):
     variants = load_scenario_text(TINY)
-    (tmp_path / "tiny.jsonl").write_text('{"variant": "x", "estimate": {}\nnot json\n')
+    (tmp_path / "tiny.jsonl").mkdir()
     with pytest.raises(UserError) as err:
         run_scenarios(variants, out_dir=tmp_path, device="cpu", progress=False)
-    assert err.value.lines() == [f"{tmp_path / 'tiny.jsonl'}: line 1: not valid JSON (Expecting ',' delimiter: "
-                                 "line 1 column 32 (char 31)); fix or delete the file (or pass --force to start it over)"]
+    assert err.value.lines() == [f"{tmp_path / 'tiny.jsonl'}: is a directory; the results of scenario 'tiny' go in "
+                                 "a file there"]
 
 
 def test_run_command_writes_results_report_and_summary(tmp_path):
@@ -222,6 +222,7 @@ def test_cuda_request_without_cuda_is_exit_2(tmp_path):
     result = CliRunner().invoke(cli, ["run", str(scen), "--device", "cuda", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output == "error: --device: device cuda requested but torch sees no CUDA device\n"
+    assert not list(tmp_path.glob("*.jsonl"))
 
 
 def test_estimate_method_trace_cli_and_cache(tmp_path, monkeypatch):
@@ -233,7 +234,8 @@ def test_estimate_method_trace_cli_and_cache(tmp_path, monkeypatch):
     importlib.reload(trace_mod)
     scen = tmp_path / "tiny.toml"
     scen.write_text(TINY)
-    result = CliRunner().invoke(cli, ["estimate", str(scen), "--method", "trace", "--format", "json", "--device", "cpu"])
+    result = CliRunner().invoke(cli, ["estimate", str(scen), "--method", "trace", "--format", "json",
+                                      "--device", "cpu"])
     assert result.exit_code == 0, result.output
     (est,) = json.loads(result.output)
     assert est["estimate"]["method"] == "trace"

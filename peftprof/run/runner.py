@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
-import warnings
 import platform
+import signal
 import socket
 import subprocess
 import traceback
+import types
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from .probe import make_probe, now
 from .step import inject_fault, optimizer_state, registered_tensors, synthetic_batch, train_step
 from .track import SimulatedOOM
 
+# The libraries of the real stack: an error raised inside one of them is that library refusing the combination.
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "optimum")
 
 
 def resolve_device(device: str) -> str:
@@ -96,13 +101,63 @@ def _merge_checks(built, s: Scenario, ids, probe) -> dict:
             "merged_latency_ms": latency_ms(merged_model)}
 
 
+def run_options(s: Scenario, *, device: str, steps: int | None = None, max_memory: int | None = None) -> dict:
+    """The run options that change a measurement (with `settings_key`, what identifies a finished variant);
+    `device` is the resolved device."""
+    return {"device": device, "steps": steps or s.run.steps, "max_memory": max_memory}
+
+
+def _base_record(s: Scenario, device: str, est: dict, options: dict) -> dict:
+    return {"variant": s.name, "scenario": s.to_dict(), "settings_key": s.settings_key(), "run_options": options,
+            "estimate": est, "status": "ok", "measured": None, "checks": {}, "error": None,
+            "provenance": provenance(device)}
+
+
+def refusing_library(exc: BaseException) -> str | None:
+    """The library (of LIBRARIES) of the innermost traceback frame that belongs to one of them, or None."""
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        top = str(tb.tb_frame.f_globals.get("__name__") or "").split(".", 1)[0]
+        if top in LIBRARIES:
+            found = top
+        tb = tb.tb_next
+    return found
+
+
+def error_info(exc: BaseException, phase: str) -> dict:
+    """A failure as a record's `error`: a library refusing says so in one line ("peft refuses: ...")."""
+    library = refusing_library(exc)
+    text = str(exc).strip()
+    if library is None:
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+    else:
+        message = f"{library} refuses: {text.splitlines()[0] if text else type(exc).__name__}"[:500]
+    return {"phase": phase, "message": message, "library": library, "exception": type(exc).__name__,
+            "traceback": traceback.format_exc()[-4000:]}
+
+
+def _refused_by_estimate(est: dict, max_memory: int | None) -> str | None:
+    """Refuse to build what the analytic estimate already puts over the cap (protects the host)."""
+    if max_memory is None:
+        return None
+    b = est["breakdown"]
+    need = b["weights"] + b["quant_constants"] + b["trainable"]
+    if need <= max_memory:
+        return None
+    return (f"refused from the estimate: weights + quantization constants + trainable parameters alone are "
+            f"estimated at {need:,} B, over the cap {max_memory:,} B; the model was not built")
+
+
 def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memory: int | None = None,
                 fault: str | None = None, progress=None) -> dict:
     """Build, warm up, train `steps` timed steps and one tracked step; returns the result record."""
     device = resolve_device(device)
     est = estimate(s, device=device)
-    record = {"variant": s.name, "scenario": s.to_dict(), "settings_key": s.settings_key(), "estimate": est,
-              "status": "ok", "measured": None, "checks": {}, "error": None, "provenance": provenance(device)}
+    record = _base_record(s, device, est, run_options(s, device=device, steps=steps, max_memory=max_memory))
+    refused = _refused_by_estimate(est, max_memory)
+    if refused is not None:
+        record.update(status="oom", error={"phase": "build", "message": refused})
+        return record
     steps = steps or s.run.steps
     probe = make_probe(device, cap_bytes=max_memory, vocab_size=s.model.arch.vocab_size)
     where = {"phase": "build"}
@@ -152,8 +207,7 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
     except (torch.OutOfMemoryError, MemoryError, SimulatedOOM) as e:
         record.update(status="oom", error={"phase": where["phase"], "message": str(e)[:500]})
     except Exception as e:  # any other failure is a result too; the next variant runs
-        record.update(status="error", error={"phase": where["phase"], "message": f"{type(e).__name__}: {e}"[:2000],
-                                             "traceback": traceback.format_exc()[-4000:]})
+        record.update(status="error", error=error_info(e, where["phase"]))
     finally:
         extra = probe.finish()
         if record["measured"] is not None:
@@ -166,3 +220,91 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
             torch.cuda.empty_cache()
     return record
 
+
+
+# --- one process per variant -------------------------------------------------------------------------------
+# On CUDA the caching allocator's counters and segments, and bitsandbytes' paged buffers (its GlobalPageManager
+# never frees them), outlive a variant in its process; a fresh process per variant keeps variants independent.
+
+
+def _mappingproxy(d: dict):
+    return types.MappingProxyType(d)
+
+
+def _register_pickling() -> None:
+    """Scenarios hold read-only mappings, which plain pickle refuses; send them to the child as dicts."""
+    from multiprocessing.reduction import ForkingPickler
+
+    ForkingPickler.register(types.MappingProxyType, lambda m: (_mappingproxy, (dict(m),)))
+
+
+def _child_main(conn, target, s: Scenario, kwargs: dict) -> None:
+    """In the child: run one variant, send progress messages and then the record (JSON) to the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    try:
+        rec = target(s, progress=lambda msg: conn.send(("progress", msg)), **kwargs)
+        conn.send(("record", json.dumps(rec, default=str)))
+    except Exception as e:  # run_variant turns failures into records; this is a failure around it
+        conn.send(("exception", json.dumps(error_info(e, "startup"))))
+    finally:
+        conn.close()
+
+
+def _death(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        hint = ", as the kernel's out-of-memory killer does" if -code == signal.SIGKILL else ""
+        return f"was killed by signal {-code} ({name}{hint})"
+    return f"exited with code {code} without a result"
+
+
+def run_variant_isolated(s: Scenario, *, device: str, steps: int | None = None, max_memory: int | None = None,
+                         fault: str | None = None, progress=None, target=None) -> dict:
+    """`run_variant` in a fresh process (multiprocessing, spawn): its record comes back through a pipe. A child
+    that dies without one becomes a `status: error` record naming its exit code or signal. `target` replaces
+    run_variant in the child (tests; a module-level function)."""
+    import multiprocessing as mp
+
+    device = resolve_device(device)
+    _register_pickling()
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    kwargs = {"device": device, "steps": steps, "max_memory": max_memory, "fault": fault}
+    proc = ctx.Process(target=_child_main, args=(send, target or run_variant, s, kwargs), daemon=True,
+                       name=f"peftprof variant {s.name[:60]}")
+    say = progress or (lambda msg: None)
+    last, result, failure = "startup", None, None
+    proc.start()
+    send.close()  # the child holds the only writing end: its death is EOF here
+    try:
+        while True:
+            try:
+                kind, payload = recv.recv()
+            except EOFError:
+                break
+            if kind == "progress":
+                last = payload
+                say(payload)
+            elif kind == "record":
+                result = json.loads(payload)
+            else:
+                failure = {**json.loads(payload), "phase": last}
+        proc.join()
+    except BaseException:  # Ctrl-C, SIGTERM: the variant is abandoned with its process
+        proc.kill()
+        proc.join()
+        raise
+    finally:
+        recv.close()
+    if result is not None:
+        return result
+    est = estimate(s, device=device)
+    record = _base_record(s, device, est, run_options(s, device=device, steps=steps, max_memory=max_memory))
+    if failure is None:
+        failure = {"phase": last, "message": f"the variant's process {_death(proc.exitcode)} during {last}",
+                   "exit_code": proc.exitcode}
+    record.update(status="error", error=failure)
+    return record

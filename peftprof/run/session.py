@@ -1,15 +1,56 @@
-"""Run many variants: one results file per scenario, written atomically after each variant, resumable."""
+"""Run many variants: one results file per scenario, resumable.
+
+Each finished variant is merged into its results file at once, under an exclusive lock (fcntl.flock on the
+sibling `.<file>.lock`) and atomically, so runs writing one file at the same time merge, `--force` replaces
+records one by one, and an interruption never loses a variant that finished. A finished variant is identified
+by its settings (`settings_key`) and the run options that change a measurement (`run_options`: resolved device,
+steps, memory cap); a different option runs it again.
+
+Ctrl-C (SIGINT) and SIGTERM stop a sweep the same way: the variant in progress is abandoned, the finished ones
+are saved; the CLI then exits 130 (SIGINT) or 143 (SIGTERM). A results write that fails after training keeps
+the measurement in a file in the system temp directory and says where; the sweep stops there.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 from ..errors import UserError
-from ..results import read_results_file, write_jsonl
+from ..results import read_results_salvaging, write_jsonl
 from ..settings import Scenario
 
 DONE_STATUSES = ("ok", "oom")  # an error is retried on the next run; ok and oom are results
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so both stop a sweep the same way."""
+
+    signum = signal.SIGTERM
+
+
+def interrupt_exit_code(exc: BaseException | None = None, signum: int | None = None) -> int:
+    """128 + the signal: 130 after Ctrl-C (SIGINT), 143 after SIGTERM."""
+    return 128 + int(signum or getattr(exc, "signum", signal.SIGINT))
+
+
+class Outcome(tuple):
+    """What callers unpack, (records, files, interrupted), plus `signum` (the signal that interrupted the sweep)
+    and `problems` (error lines: a results write that failed and where its measurement went instead). `files` are
+    the results files that exist."""
+
+    def __new__(cls, records, files, interrupted, *, signum=None, problems=()):
+        self = super().__new__(cls, (records, files, interrupted))
+        self.records, self.files, self.interrupted = records, files, interrupted
+        self.signum, self.problems = signum, list(problems)
+        return self
 
 
 def results_path(out_dir: Path, scenario_name: str) -> Path:
@@ -17,49 +58,231 @@ def results_path(out_dir: Path, scenario_name: str) -> Path:
     return Path(out_dir) / f"{safe}.jsonl"
 
 
-def load_existing(path: Path, force: bool) -> list[dict]:
-    if force or not path.exists():
-        return []
+def lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def _file_names(path: Path) -> list[str]:
+    """Every file name a run makes for one results file: itself, its lock, its temp files (write_atomic), the
+    side file of bad lines (read_results_salvaging) and the report."""
+    html = path.with_suffix(".html").name
+    return [path.name, lock_path(path).name, f".{path.name}.xxxxxxxx.tmp", f"{path.name}.bad-20250101T000000Z-99",
+            html, f".{html}.xxxxxxxx.tmp"]
+
+
+def _write_probe(out: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".peftprof-write-check.")
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _name_max(out: Path) -> int:
     try:
-        return read_results_file(path)
-    except UserError as e:
-        raise UserError([f"{e.lines()[0]} (or pass --force to start it over)"]) from None
+        return os.pathconf(out, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_outputs(variants: list[Scenario], out_dir: str | Path) -> list[str]:
+    """What can be checked before training: the output directory exists or can be made, can be written, and
+    every results file name fits the file system. Returns the problems (error lines)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        return [f"--out: {out} is a file, not a directory"]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return [f"--out: cannot create the directory {out}: {e.strerror or e}"]
+    try:
+        _write_probe(out)
+    except OSError as e:
+        return [f"--out: cannot write in {out}: {e.strerror or e}"]
+    problems, seen, name_max = [], set(), _name_max(out)
+    for v in variants:
+        path = results_path(out, v.scenario)
+        if path in seen:
+            continue
+        seen.add(path)
+        longest = max(len(n.encode()) for n in _file_names(path))
+        if longest > name_max:
+            problems.append(f"{v.source}: name: {v.scenario[:40]!r}... ({len(v.scenario)} characters) makes file "
+                            f"names of {longest} bytes in {out}; the file system allows {name_max} "
+                            f"(allowed: a name of at most {len(v.scenario) - (longest - name_max)} characters)")
+        elif path.is_dir():
+            problems.append(f"{path}: is a directory; the results of scenario {v.scenario!r} go in a file there")
+    return problems
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold the exclusive lock of a results file (blocks while another run holds it)."""
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _notice(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def _salvage_notice(path: Path, side: Path | None, kept: int) -> None:
+    if side is not None:
+        _notice(f"{path}: its unreadable lines were moved to {side}; resuming with its {kept} valid records")
+
+
+def load_existing(path: Path) -> dict[str, dict]:
+    """The valid records of a results file by variant; bad lines are set aside in a file the warning names."""
+    with locked(path):
+        records, side = read_results_salvaging(path)
+    _salvage_notice(path, side, len(records))
+    return {r["variant"]: r for r in records}
+
+
+def save_record(path: Path, rec: dict) -> None:
+    """Merge one record into its results file: read, replace that variant's record, write atomically; all under
+    the file's lock, so concurrent runs never lose each other's records."""
+    with locked(path):
+        current, side = read_results_salvaging(path)
+        merged = {r["variant"]: r for r in current}
+        merged[rec["variant"]] = rec
+        write_jsonl(path, list(merged.values()))
+    _salvage_notice(path, side, len(current))
+
+
+def rescue(path: Path, rec: dict, err: Exception) -> str:
+    """A results write failed after training: keep the measurement in the system temp directory. Returns the
+    error line that says where it went."""
+    reason = err.lines()[0] if isinstance(err, UserError) else (getattr(err, "strerror", None) or str(err))
+    fallback = Path(tempfile.gettempdir()) / f"peftprof-unsaved-{path.stem[:80]}-{os.getpid()}.jsonl"
+    line = json.dumps(rec, sort_keys=True, default=str)
+    head = f"{path}: cannot write results ({reason}); the sweep stopped"
+    try:
+        with open(fallback, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return f"{head}; the measurement of {rec['variant']} could not be kept in {fallback} either " \
+               f"({e.strerror or e}); here it is: {line}"
+    return f"{head}; the measurement of {rec['variant']} was kept in {fallback} (one JSON line, results format)"
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """SIGTERM raises Terminated (a KeyboardInterrupt), as Ctrl-C raises KeyboardInterrupt (main thread only)."""
+    if not _main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold SIGINT and SIGTERM while a record is written; the interruption is raised once it is on disk."""
+    if not _main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if got:
+            raise Terminated() if got[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def is_done(old: dict | None, v: Scenario, options: dict) -> bool:
+    """A stored record that measured this variant, with these settings and run options, to a result."""
+    return (old is not None and old.get("settings_key") == v.settings_key() and old.get("run_options") == options
+            and old.get("status") in DONE_STATUSES)
 
 
 def run_scenarios(variants: list[Scenario], *, out_dir: str | Path, device: str, steps: int | None = None,
                   force: bool = False, max_memory: int | None = None, progress: bool = True,
-                  fault: dict[str, str] | None = None) -> tuple[list[dict], list[Path], bool]:
-    """Returns (records of these variants, result files, interrupted). `fault` maps a variant name to a
-    phase in which to inject an out-of-memory (tests)."""
+                  fault: dict[str, str] | None = None, isolate: bool | None = None, target=None) -> Outcome:
+    """Returns Outcome(records of these variants, result files, interrupted). `fault` maps a variant name to a
+    phase in which to inject an out-of-memory (tests). `isolate` runs each variant in its own process (default:
+    on for cuda); `target` is the function that process runs instead of run_variant (tests)."""
     from tqdm import tqdm
 
-    from .runner import run_variant
+    from . import runner
 
+    device = runner.resolve_device(device)
+    problems = check_outputs(variants, out_dir)
+    if problems:
+        raise UserError(problems)
     by_file: dict[Path, list[Scenario]] = {}
     for v in variants:
         by_file.setdefault(results_path(Path(out_dir), v.scenario), []).append(v)
-    existing = {path: load_existing(path, force) for path in by_file}  # fail on corrupt files before running
+    existing = {}
+    for path in by_file:  # read (and salvage) every file before running anything
+        try:
+            existing[path] = load_existing(path)
+        except (UserError, OSError) as e:
+            problems += e.lines() if isinstance(e, UserError) else [f"{path}: cannot read: {e.strerror or e}"]
+    if problems:
+        raise UserError(problems)
+    isolate = device == "cuda" if isolate is None else isolate
     records: list[dict] = []
+    failures: list[str] = []
     bar = tqdm(total=len(variants), file=sys.stderr, disable=not progress, unit="variant", dynamic_ncols=True)
-    interrupted = False
-    try:
+
+    def measure(v: Scenario) -> dict:
+        kw = {"device": device, "steps": steps, "max_memory": max_memory, "fault": (fault or {}).get(v.name),
+              "progress": lambda msg: bar.set_postfix_str(msg)}
+        if isolate:
+            return runner.run_variant_isolated(v, target=target, **kw)
+        return runner.run_variant(v, **kw)
+
+    def sweep() -> None:
         for path, group in by_file.items():
-            stored = {r["variant"]: r for r in existing[path]}
             for v in group:
-                old = stored.get(v.name)
-                if old is not None and old.get("settings_key") == v.settings_key() and old.get("status") in DONE_STATUSES:
+                options = runner.run_options(v, device=device, steps=steps, max_memory=max_memory)
+                old = existing[path].get(v.name)
+                if not force and is_done(old, v, options):
                     records.append(old)
                     bar.update(1)
                     continue
                 bar.set_description(v.name[-60:])
-                rec = run_variant(v, device=device, steps=steps, max_memory=max_memory,
-                                  fault=(fault or {}).get(v.name), progress=lambda msg: bar.set_postfix_str(msg))
-                stored[v.name] = rec
-                records.append(rec)
-                write_jsonl(path, list(stored.values()))
+                rec = None
+                try:
+                    rec = measure(v)
+                finally:
+                    if rec is not None:  # finished: saved even when a signal arrived right after
+                        records.append(rec)
+                        with deferred_signals():
+                            try:
+                                save_record(path, rec)
+                            except (OSError, UserError) as e:
+                                failures.append(rescue(path, rec, e))
                 bar.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
+                if failures:
+                    return
+
+    signum = None
+    try:
+        with signals_as_interrupts():
+            sweep()
+    except KeyboardInterrupt as e:
+        signum = int(getattr(e, "signum", signal.SIGINT))
     finally:
         bar.close()
-    return records, list(by_file), interrupted
+    return Outcome(records, [p for p in by_file if p.exists()], signum is not None, signum=signum,
+                   problems=failures)
