@@ -161,7 +161,7 @@ def test_file_names_too_long_for_the_file_system_are_exit_2_before_training(tmp_
     scen = scenario(tmp_path, f'name = "{"n" * 100}"\n' + TINY)
     result = invoke(scen, "--out", tmp_path / "out")
     assert result.exit_code == 2
-    assert result.output == (f"error: {scen}: name: '{'n' * 40}'... (100 characters) makes file names of 130 bytes in "
+    assert result.output == (f"error: {scen}: name: \"{'n' * 40}…\" (100 characters) makes file names of 130 bytes in "
                              f"{tmp_path / 'out'}; the file system allows 128 (allowed: a name of at most 98 "
                              "characters)\n")
     assert calls == []

@@ -23,7 +23,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, show
 from ..results import read_results_salvaging, write_jsonl
 from ..settings import Scenario
 
@@ -105,7 +105,7 @@ def check_outputs(variants: list[Scenario], out_dir: str | Path) -> list[str]:
         seen.add(path)
         longest = max(len(n.encode()) for n in _file_names(path))
         if longest > name_max:
-            problems.append(f"{v.source}: name: {v.scenario[:40]!r}... ({len(v.scenario)} characters) makes file "
+            problems.append(f"{v.source}: name: {show(v.scenario, 40)} makes file "
                             f"names of {longest} bytes in {out}; the file system allows {name_max} "
                             f"(allowed: a name of at most {len(v.scenario) - (longest - name_max)} characters)")
         elif path.is_dir():
