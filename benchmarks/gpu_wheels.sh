@@ -12,3 +12,9 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --im
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   -d .whl $versions
 ls -l .whl
+# the device tool carries at most 64 MiB of ignored paths in all
+size=$(du -sb .whl | cut -f1)
+if [ "$size" -gt $((60 * 1024 * 1024)) ]; then
+  echo ".whl/ is $size B: too close to the device tool's 64 MiB carry limit" >&2
+  exit 1
+fi

@@ -207,8 +207,8 @@ def trace_peak(s: Scenario) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .run.build import adapt, base_model, make_optimizer, model_bytes
+    from .run.probe import CpuProbe
     from .run.step import optimizer_state, registered_tensors, train_step
-    from .run.track import MemoryTracker
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
@@ -238,28 +238,16 @@ def trace_peak(s: Scenario) -> dict:
     with fake_mode, _mask_decisions_as_in_real_runs(s):
         ids = torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len))
 
-        class NoProbe:
-            def set_phase(self, phase):
-                if tracker is not None:
-                    tracker.phase = phase
-
-            def mark_gradients(self, grads):
-                if tracker is not None:
-                    tracker.mark(grads, "gradients")
-
-        tracker = None
-        probe = NoProbe()
+        # the runner's CPU probe, idle through the warm-up steps as in the runner; no RSS (fake tensors)
+        probe = CpuProbe(vocab_size=s.model.arch.vocab_size, sample_rss=False)
         for _ in range(max(1, s.run.warmup_steps)):
             train_step(built, s, ids, probe, {})
-        tracker = MemoryTracker(vocab_size=s.model.arch.vocab_size)
         registered = registered_tensors(built)
         registered["weights"] += [b for m in model.modules() if type(m).__name__.startswith("Traced")
                                   for n, b in m.named_buffers(recurse=False) if n in ("packed", "cb")]
-        for category, tensors in registered.items():
-            tracker.register(tensors, category)
-        with tracker:
+        with probe.tracking(registered):
             train_step(built, s, ids, probe, {})
-        result = tracker.classify(optimizer_state(built.optimizer))
+        result = probe.result(optimizer_state(built.optimizer))
     return {"peak_bytes": result.peak_bytes, "peak_phase": result.peak_phase, "breakdown": result.breakdown,
             "phase_peaks": result.phase_peaks, "wrapped_bytes": model_bytes(model, built.quant_tensors)}
 
