@@ -59,5 +59,8 @@ def registered_tensors(built) -> dict[str, list]:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     trainable = [p for p in model.parameters() if p.requires_grad]
     full = all(p.requires_grad for p in model.parameters())
-    return {"quant_constants": built.quant_tensors, "weights": frozen + list(model.buffers()) + (trainable if full else []),
+    # peft's prompt/prefix tuning keeps its virtual token ids as a plain tensor (neither parameter nor buffer)
+    prompt_ids = [t for t in getattr(model, "prompt_tokens", {}).values() if torch.is_tensor(t)]
+    weights = frozen + list(model.buffers()) + prompt_ids + (trainable if full else [])
+    return {"quant_constants": built.quant_tensors, "weights": weights,
             "trainable": [] if full else trainable, "optimizer": optimizer_state(built.optimizer)}

@@ -27,7 +27,11 @@ class SimulatedOOM(MemoryError):
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_FRESH: dict = {}  # op overload -> whether any output can be a new storage
+# op overload -> whether any output can be a new storage. aten::lift_fresh returns an alias of its input by
+# schema, yet that input is new: torch.tensor(data) builds its storage below the Python dispatcher and then
+# calls lift_fresh so that modes see the fresh tensor (torch/_subclasses/fake_tensor.py handles it as a
+# constructor for the same reason). Found by the MemTracker cross-check (issue #12).
+_FRESH: dict = {torch.ops.aten.lift_fresh.default: True}
 
 
 def storages_of(t: torch.Tensor) -> list:
@@ -164,7 +168,7 @@ class MemoryTracker(TorchDispatchMode):
         peak_breakdown, peak_phase = dict(current), "setup"
         phase_peaks = dict.fromkeys(PHASES, 0)
         phase_of_event = self._event_phases()
-        for (uid, sign), phase in zip(self.events, phase_of_event):
+        for (uid, sign), phase in zip(self.events, phase_of_event, strict=True):
             n = self.allocs[uid].nbytes * sign
             current[role[uid]] += n
             total += n
