@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 a negative answer (does not fit, regression), 2 bad input. N
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -160,27 +161,109 @@ def estimate_rows(results) -> tuple[list[str], list[list]]:
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--mfu", type=click.FloatRange(0.01, 1.0), default=None,
               help="Model-FLOPs utilisation for the speed prediction (default 0.35).")
+@click.option("--advise", is_flag=True, help="With --gpu: the smallest single changes that make each variant fit.")
+@click.option("--report", "report_path", default=None,
+              help="Also write an HTML report here (with --method trace: the memory timeline and the peak's tensors).")
 @user_errors
-def estimate(scenarios, gpu_name, device, method, fmt, mfu):
+def estimate(scenarios, gpu_name, device, method, fmt, mfu, advise, report_path):
     """Predict peak training memory by category, FLOPs and speed, without a GPU.
 
     \b
     Example:
       peftprof estimate scenarios/qlora-7b.toml --gpu RTX-4090 --format json
+      peftprof estimate scenarios/qlora-7b.toml --gpu T4 --advise
+      peftprof estimate scenarios/quickstart.toml --method trace --report reports/trace.html
     """
     from .estimate.flops import DEFAULT_MFU
-    from .textfmt import csv_text, table
+    from .textfmt import csv_text, table, visible
 
+    if advise and gpu_name is None:
+        raise UserError("--advise: give --gpu NAME, the GPU the variants must fit (see `peftprof presets`)")
+    if advise and fmt == "csv":
+        raise UserError("--advise: use --format table or json (advice does not fit in CSV rows)")
+    if report_path is not None:
+        from .report import check_output
+
+        check_output(Path(report_path), [])
     results = _estimates(scenarios, method, device, gpu_name, mfu or DEFAULT_MFU)
     for _, e in results:
         if e.get("note"):
             click.echo(f"note: {e['note']}", err=True)
+    records = [{"variant": v.name, "scenario": v.to_dict(), "estimate": e} for v, e in results]
+    if advise:
+        from .advise import advise as advise_fn
+        from .advise import gpu_target
+
+        target = gpu_target(_gpu(gpu_name))
+        for (v, _), rec in zip(results, records, strict=True):
+            rec["advice"] = advise_fn(v, dataclasses.replace(target, device=rec["estimate"]["device"]))
+    if report_path is not None:
+        from .report import write_records_report
+
+        if method == "trace":
+            from .trace import cached_trace_peak
+
+            for (v, e), rec in zip(results, records, strict=True):
+                if e.get("method") == "trace":  # the traced step's timeline and peak (cached by the estimate)
+                    traced = cached_trace_peak(v)
+                    rec["estimate"] = dict(e, **{k: traced[k] for k in ("timeline", "at_peak") if k in traced})
+        click.echo(f"report: {write_records_report(records, report_path)}", err=True)
     if fmt == "json":
-        click.echo(json.dumps([{"variant": v.name, "scenario": v.to_dict(), "estimate": e} for v, e in results],
-                              indent=2))
+        click.echo(json.dumps(records, indent=2))
         return
     headers, rows = estimate_rows(results)
     click.echo(table(headers, rows) if fmt == "table" else csv_text(headers, rows), nl=fmt == "table")
+    if advise:
+        from .advise import advice_lines
+
+        for rec in records:
+            click.echo()
+            click.echo("\n".join(visible(line) for line in advice_lines(rec["variant"], rec["advice"])))
+
+
+@cli.command()
+@click.argument("scenarios", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", default="reports/snapshots", show_default=True,
+              help="Directory for the snapshots (one <n>-<variant>.pickle each).")
+@click.option("--run", "measured", is_flag=True,
+              help="Train for real on CPU and snapshot the measured step (default: the trace, on fake tensors).")
+@user_errors
+def snapshot(scenarios, out_dir, measured):
+    """Export a step as a PyTorch memory snapshot (torch.cuda.memory._dump_snapshot format).
+
+    \b
+    Open it with PyTorch's viewer:
+      python -m torch.cuda._memory_viz trace_plot reports/snapshots/1-quickstart.pickle -o step.html
+    \b
+    Example:
+      peftprof snapshot scenarios/quickstart.toml -o reports/snapshots
+    """
+    import re
+
+    from .textfmt import visible
+
+    variants = _load(scenarios)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is not a directory; give -o a directory for the snapshots")
+    failed = []
+    for i, v in enumerate(variants, 1):
+        path = out / f"{i}-{re.sub(r'[^A-Za-z0-9._=,+-]+', '_', v.name)[:120]}.pickle"
+        if measured:
+            from .run.runner import run_variant
+
+            rec = run_variant(v, device="cpu", snapshot_path=path)
+            if rec["status"] != "ok":
+                failed.append(f"{visible(v.name)}: {rec['status']}: {visible((rec.get('error') or {}).get('message'))}")
+                continue
+        else:
+            from .trace import check_traceable, trace_peak
+
+            check_traceable(v)
+            trace_peak(v, snapshot_path=path)
+        click.echo(f"snapshot: {visible(path)}  ({visible(v.name)})")
+    if failed:
+        _fail(failed)
 
 
 @cli.command()

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .report_explain import EXPLAIN_JS, advice_html, biggest_category, explain_html, peak_of, unit_of, verdict_html
 from .results import (
     CATEGORIES,
     Located,
@@ -29,6 +30,7 @@ from .results import (
     write_atomic,
 )
 from .textfmt import csv_cell, md_cell, visible
+from .timeline import at_peak_problem, timeline_problem
 
 COLORS = dict(zip(CATEGORIES, ("#4c78a8", "#9ecae9", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b",
                                "#b279a2", "#9d755d"), strict=True))
@@ -210,13 +212,41 @@ def _figure_html(fig, div_id: str) -> str:
     return f'<div id="{div_id}" class="plot"></div><script>FIGS["{div_id}"]={spec};</script>'
 
 
+WRAPPED = ("variant", "note", "fits on")  # columns that may wrap (long names), so the page needs no side scrolling
+
+
 def _table_html(rows: list[dict], table_id: str) -> str:
     if not rows:
         return "<p>No rows.</p>"
     head = "".join(f"<th onclick=\"sortTable('{table_id}',{i})\">{html.escape(k)}</th>" for i, k in enumerate(rows[0]))
-    body = "".join("<tr>" + "".join(f"<td>{'' if v is None else html.escape(str(v))}</td>" for v in row.values())
-                   + "</tr>" for row in rows)
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    wrap = [" class='wrap'" if k in WRAPPED else "" for k in rows[0]]
+    body = "".join("<tr>" + "".join(f"<td{w}>{'' if v is None else html.escape(str(v))}</td>"
+                                    for w, v in zip(wrap, row.values(), strict=True)) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _num(v, spec: str) -> str | None:
+    """A number for a table cell: `spec` formatting (e.g. ',.1f', '.3g'); None stays empty."""
+    return None if v is None else format(v, spec)
+
+
+def display_rows(records, unit: str, scale: int) -> list[dict]:
+    """The HTML summary: sweep axes as their own columns, units in the headers, formatted numbers."""
+    axes = _axes(records)
+    out = []
+    for r, row in zip(records, summary_rows(records), strict=True):
+        m = _measured(r) or {}
+        cat, _ = biggest_category(peak_of(r)[2])
+        d = {"#": row["#"], "variant": row["variant"]}
+        d.update({a: json.dumps(_overrides(r).get(a)) if a in _overrides(r) else None for a in axes})
+        d.update({"status": row["status"], f"estimated peak ({unit})": f"{r['estimate']['peak_bytes'] / scale:,.3f}",
+                  f"measured peak ({unit})": None if not m else f"{m['peak_bytes'] / scale:,.3f}",
+                  "error (%)": _num(row["error_pct"], "+.2f"), "biggest category": cat,
+                  "measured tokens/s": _num(row["measured_tokens_per_s"], ",.0f"),
+                  "predicted tokens/s": _num(row["predicted_tokens_per_s"], ",.0f"),
+                  "trainable params": _num(row["trainable_params"], ","), "fits on": row["fits"]})
+        out.append(d)
+    return out
 
 
 def check_rows(records) -> list[dict]:
@@ -225,13 +255,12 @@ def check_rows(records) -> list[dict]:
         c = r.get("checks") or {}
         if not c and not _measured(r):
             c = {"note": "not measured"}
-        out.append({"variant": r["variant"], "B=0 identity max |diff|": c.get("identity_max_abs_diff"),
-                    "merged vs unmerged max |diff|": c.get("merge_max_abs_diff", c.get("note")),
-                    "unmerged ms/forward": None if c.get("unmerged_latency_ms") is None
-                    else round(c["unmerged_latency_ms"], 2),
-                    "merged ms/forward": None if c.get("merged_latency_ms") is None
-                    else round(c["merged_latency_ms"], 2),
-                    "quantization rel. error": c.get("quantization_rel_error"),
+        merge = c.get("merge_max_abs_diff", c.get("note"))
+        out.append({"variant": r["variant"], "B=0 identity max |diff|": _num(c.get("identity_max_abs_diff"), ".3g"),
+                    "merged vs unmerged max |diff|": merge if isinstance(merge, str) else _num(merge, ".3g"),
+                    "unmerged forward (ms)": _num(c.get("unmerged_latency_ms"), ",.2f"),
+                    "merged forward (ms)": _num(c.get("merged_latency_ms"), ",.2f"),
+                    "quantization rel. error": _num(c.get("quantization_rel_error"), ".3g"),
                     "note": c.get("merge_note")})
     return out
 
@@ -247,12 +276,18 @@ els.forEach(function(el){io.observe(el);});});
 window.addEventListener('load',function(){setTimeout(drawAll,0);});"""
 SORT_JS = """function sortTable(id,col){var t=document.getElementById(id),b=t.tBodies[0],rows=Array.from(b.rows);
 var asc=t.dataset.col==col&&t.dataset.dir!='asc';t.dataset.col=col;t.dataset.dir=asc?'asc':'desc';
-rows.sort(function(a,c){var x=a.cells[col].textContent,y=c.cells[col].textContent,nx=parseFloat(x),ny=parseFloat(y);
+rows.sort(function(a,c){var x=a.cells[col].textContent,y=c.cells[col].textContent,
+nx=parseFloat(x.replace(/[,+]/g,'')),ny=parseFloat(y.replace(/[,+]/g,''));
 var r=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return asc?r:-r;});
 rows.forEach(function(r){b.appendChild(r);});}"""
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}th{cursor:pointer;background:#f4f4f4}
-td:first-child{text-align:left}footer{margin-top:3em;font-size:12px;color:#666}.plot{margin:1em 0}"""
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 1.5em;max-width:1320px;color:#222}
+table{border-collapse:collapse;font-size:13px}.scroll{max-width:100%;overflow-x:auto}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
+th{cursor:pointer;background:#f4f4f4;white-space:normal}
+td.wrap,th.wrap{white-space:normal;overflow-wrap:anywhere;text-align:left;min-width:10em}
+td:first-child{text-align:left}
+#advice td{text-align:left;white-space:normal}footer{margin-top:3em;font-size:12px;color:#666}.plot{margin:1em 0}
+.verdict{font-size:15px;line-height:1.6}.hint{color:#555;font-size:13px}select{max-width:100%}"""
 
 
 def plotly_js() -> str:
@@ -266,21 +301,26 @@ def render_html(records: list[dict], title: str) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>"]
     descriptions = dict.fromkeys((r.get("scenario") or {}).get("description", "") for r in records)
     parts += [f"<p>{html.escape(d)}</p>" for d in descriptions if d]
-    parts += ["<h2>Summary</h2>", _table_html(summary_rows(records), "summary"),
+    unit, scale = unit_of(records)
+    parts += ["<h2>Summary</h2>", verdict_html(records, fitting_gpus, unit, scale, error_pct),
+              _table_html(display_rows(records, unit, scale), "summary"),
+              "<h2>Timeline: memory through the step, and what is live at its peak</h2>",
+              explain_html(records, COLORS, unit, scale),
+              "<h2>What to change</h2>", advice_html(records, unit, scale),
               "<h2>Memory breakdown</h2>", _figure_html(_fig_breakdown(records), "breakdown"),
               "<h2>Estimate against measurement</h2>", _figure_html(_fig_scatter(records), "scatter")]
     sweeps = _fig_sweeps(records)
     if sweeps:
         parts.append("<h2>Sweeps</h2>")
         parts += [_figure_html(fig, f"sweep{i}") for i, (_, fig) in enumerate(sweeps)]
-    parts += ["<h2>Timeline</h2>", _figure_html(_fig_timeline(records), "timeline"),
+    parts += ["<h2>Memory per phase</h2>", _figure_html(_fig_timeline(records), "timeline"),
               "<h2>PEFT checks</h2>", _table_html(check_rows(records), "checks")]
     prov = [dict(r["provenance"], variant=r["variant"]) for r in records if r.get("provenance")]
     footer = "estimates only (not measured)" if not prov else "; ".join(
         f"{k} {v}" for k, v in prov[0].items() if k in ("peftprof", "python", "torch", "transformers", "peft",
                                                         "bitsandbytes", "device", "device_name", "commit", "time"))
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style><script>{plotly_js()}</script><script>{SORT_JS}{RENDER_JS}</script></head><body>"
+            f"<style>{CSS}</style><script>{plotly_js()}</script><script>{SORT_JS}{RENDER_JS}{EXPLAIN_JS}</script></head><body>"
             + "\n".join(parts) + f"<footer>Provenance: {html.escape(footer)}</footer></body></html>")
 
 
@@ -370,6 +410,13 @@ def field_problems(loc: Located) -> list[str]:
             problems.append(f"{prefix}: measured.phases[{i}]: {show(ph)} is not an object with a \"phase\" string")
         elif ph.get("bytes") is not None and (why := bytes_problem(ph["bytes"])):
             problems.append(f"{prefix}: measured.phases[{i}].bytes: {why}")
+    for part in ("measured", "estimate"):  # the timeline and the peak's tensors (peftprof/timeline.py)
+        obj = loc.record.get(part)
+        if part in wrong or not isinstance(obj, dict):
+            continue
+        for key, check in (("timeline", timeline_problem), ("at_peak", at_peak_problem)):
+            if obj.get(key) is not None and (why := check(obj[key])):
+                problems.append(f"{prefix}: {part}.{key}: {why}")
     return problems
 
 
@@ -427,6 +474,18 @@ def check_output(out: Path, inputs) -> None:
         if _same_file(out, f):
             raise UserError(f"{out}: is the input {f}; writing the report there would overwrite it "
                             "(give another -o)")
+
+
+def write_records_report(records: list[dict], out: str | Path) -> Path:
+    """An HTML report of records made in this process (`estimate --report`)."""
+    out = Path(out)
+    title = "peftprof report: " + ", ".join(dict.fromkeys(
+        (r.get("scenario") or {}).get("scenario") or r["variant"] for r in records))
+    try:
+        write_atomic(out, render_html(records, title))
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the report: {e.strerror or e}") from None
+    return out
 
 
 def write_report(inputs, out: str | Path, fmt: str = "html", warn=_warn) -> Path:

@@ -198,8 +198,10 @@ def _mask_decisions_as_in_real_runs(s: Scenario):
         mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices = original, original_packed
 
 
-def trace_peak(s: Scenario) -> dict:
-    """Tensor-level peak and breakdown of a steady-state step, traced on fake tensors (CPU semantics)."""
+def trace_peak(s: Scenario, snapshot_path=None) -> dict:
+    """Tensor-level peak and breakdown of a steady-state step, traced on fake tensors (CPU semantics), with
+    its memory timeline and what is live at the peak (peftprof/timeline.py); `snapshot_path` receives the
+    step as a torch memory snapshot (peftprof/snapshot.py)."""
     import logging
     import warnings
 
@@ -248,8 +250,15 @@ def trace_peak(s: Scenario) -> dict:
         with probe.tracking(registered):
             train_step(built, s, ids, probe, {})
         result = probe.result(optimizer_state(built.optimizer))
+    from .timeline import explain
+
+    if snapshot_path is not None:
+        from .snapshot import write_snapshot
+
+        write_snapshot(probe.tracker, snapshot_path)
     return {"peak_bytes": result.peak_bytes, "peak_phase": result.peak_phase, "breakdown": result.breakdown,
-            "phase_peaks": result.phase_peaks, "wrapped_bytes": model_bytes(model, built.quant_tensors)}
+            "phase_peaks": result.phase_peaks, "wrapped_bytes": model_bytes(model, built.quant_tensors),
+            **explain(probe.tracker)}
 
 
 def source_fingerprint(root: Path) -> str:
@@ -316,7 +325,8 @@ def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = 
     # in unified memory outside torch's allocator (analytic paged_optimizer_bytes)
     breakdown["optimizer"] = max(0, breakdown["optimizer"] - analytic["paged_optimizer_bytes"])
     peak = sum(breakdown.values())
-    out = dict(analytic, method="trace", peak_bytes=peak, peak_phase=traced["peak_phase"], breakdown=breakdown)
+    out = dict(analytic, method="trace", peak_bytes=peak, peak_phase=traced["peak_phase"], breakdown=breakdown,
+               **{k: traced[k] for k in ("timeline", "at_peak") if k in traced})
     if device == "cuda":
         out.update(cuda_reserved_and_device_bytes(peak))
     if gpu is not None:

@@ -55,8 +55,8 @@ def test_html_is_self_contained_with_plotly_once(results, tmp_path):
     assert html.count(PLOTLY_BANNER) == 1
     ours = html.replace(plotly_js(), "")  # the page without the inlined library
     assert not re.search(r"<(script|img|iframe)[^>]*\ssrc=|<link[\s>]|https?://", ours)
-    for section in ["Summary", "Memory breakdown", "Estimate against measurement", "Sweeps", "Timeline",
-                    "PEFT checks", "Provenance"]:
+    for section in ["Summary", "Timeline: memory through the step", "What to change", "Memory breakdown",
+                    "Estimate against measurement", "Sweeps", "Memory per phase", "PEFT checks", "Provenance"]:
         assert section in html
     assert "tiny[peft.r=2]" in html and "two LoRA ranks" in html
 
@@ -138,7 +138,7 @@ def test_report_renders_in_chromium_without_errors(results, tmp_path):
     with browser() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for page_path in (path, evil):
-            page = b.new_page(viewport={"width": 1300, "height": 900})
+            page = b.new_page(viewport={"width": 1400, "height": 900})
             problems, requests = [], []
             page.on("console", lambda m, out=problems: out.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e, out=problems: out.append(str(e)))
@@ -152,7 +152,21 @@ def test_report_renders_in_chromium_without_errors(results, tmp_path):
             n_plots = page.evaluate("document.querySelectorAll('.plot').length")
             drawn = page.evaluate("Array.from(document.querySelectorAll('.plot'))"
                                   ".filter(d => d.querySelectorAll('svg.main-svg g.trace').length > 0).length")
-            assert n_plots == 4 and drawn == n_plots  # breakdown, scatter, one sweep axis, timeline
+            # timeline, overlaid timelines, breakdown, scatter, one sweep axis, memory per phase
+            assert n_plots == 6 and drawn == n_plots
+            # the timeline: stacked categories and the peak marker, at the variant's measured peak
+            first = json.loads(Path(results).read_text().splitlines()[0])["measured"]
+            texts = page.evaluate("Array.from(document.querySelectorAll('#tl-plot text')).map(t => t.textContent)")
+            assert f"peak {first['peak_bytes'] / 2**20:,.3f} MiB" in texts
+            assert {"weights", "activations", "logits", "forward", "backward", "optimizer"} <= set(texts)
+            rows = page.evaluate("Array.from(document.querySelectorAll('#top-tensors tbody tr'))"
+                                 ".map(r => Array.from(r.cells).map(c => c.textContent))")
+            assert len(rows) == 20 and ["0.244", "weights", "[1000, 64]", "float32", "lm_head", "setup"] in rows
+            assert page.evaluate("document.querySelectorAll('#by-layer tbody tr').length") == 3
+            page.select_option("#tl-variant", "1")  # another variant: the tables follow
+            assert page.evaluate("document.getElementById('tl-peak').textContent").startswith(
+                f"Peak {json.loads(Path(results).read_text().splitlines()[1])['measured']['peak_bytes'] / 2**20:,.3f}")
+            assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
             assert page.evaluate("document.querySelectorAll('.plot svg a').length") == 0  # names are text
             if page_path == evil:
                 assert page.evaluate("Array.from(document.querySelectorAll('.plot svg text'))"
@@ -313,3 +327,49 @@ def test_csv_report_cells_are_not_formulas(estimates, tmp_path):
     df = pd.read_csv(io.StringIO(result.stdout), keep_default_na=False, dtype=str)
     assert list(df["variant"]) == ["'=HYPERLINK(\"https://evil.example\")", "'-2+3", "'@SUM(A1)", "'\tx", "-1.5",
                                    "plain"]
+
+
+# --- the explaining parts: verdict, readable tables, timeline input checks, estimate --report ---
+
+def test_summary_reads_first_with_units_axes_and_formatted_numbers(results, tmp_path):
+    html = write_report([results], tmp_path / "r.html").read_text()
+    assert html.index("<ul class='verdict'>") < html.index('id="summary"') < html.index("id='tl-plot'")
+    assert "2 variants: 2 measured, 0 estimated only." in html
+    assert "its biggest category is <b>weights</b>" in html
+    head = re.search(r'<table id="summary"><thead><tr>(.*?)</tr>', html)[1]
+    assert [re.sub("<[^>]+>", "", h) for h in head.split("</th>")[:6]] == [
+        "#", "variant", "peft.r", "status", "estimated peak (MiB)", "measured peak (MiB)"]
+    tables = "".join(re.findall(r"<table.*?</table>", html))
+    assert not re.search(r"\d\.\d{4,}", tables)  # 3 decimals at most: no 1.0728836059570312e-06
+    assert re.search(r"<td>\d\.\d\de-0\d</td>", tables)  # the merge check's max |diff|, to 3 digits
+    assert "quantization rel. error" in tables and "unmerged forward (ms)" in tables
+
+
+def test_a_malformed_timeline_is_bad_input(results, tmp_path):
+    rec = json.loads(result_lines(results)[0])
+    rec["measured"]["timeline"]["bytes"]["weights"] = "many"
+    rec["measured"]["at_peak"]["top_tensors"][0]["bytes"] = -1
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    result = report(path, "-o", tmp_path / "r.html")
+    assert result.exit_code == 2
+    p = f"error: {path}: line 1: variant tiny[peft.r=2]"
+    assert result.output.splitlines() == [f"{p}: measured.timeline: bytes.weights: not a list of "
+                                          f"{len(rec['measured']['timeline']['x'])} byte counts",
+                                          f"{p}: measured.at_peak: top_tensors[1]: not an object with a byte count"]
+
+
+def test_estimate_method_trace_report_has_the_timeline(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    out = tmp_path / "trace.html"
+    result = CliRunner().invoke(cli, ["estimate", str(tmp_path / "tiny.toml"), "--method", "trace", "--report",
+                                      str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == f"report: {out}"
+    records = json.loads(result.stdout)
+    tl = json.loads(re.search(r"<script>var TL=(.*?);</script>", out.read_text())[1])
+    assert [v["src"] for v in tl["v"]] == ["estimated (trace)", "estimated (trace)"]
+    assert [v["pk"][1] for v in tl["v"]] == [r["estimate"]["peak_bytes"] for r in records]  # device cpu: no overhead
+    assert len(tl["v"][0]["top"]) == 20
+    result = CliRunner().invoke(cli, ["estimate", str(tmp_path / "tiny.toml"), "--report", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory" in result.output

@@ -149,8 +149,10 @@ def _refused_by_estimate(est: dict, max_memory: int | None) -> str | None:
 
 
 def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memory: int | None = None,
-                fault: str | None = None, progress=None) -> dict:
-    """Build, warm up, train `steps` timed steps and one tracked step; returns the result record."""
+                fault: str | None = None, progress=None, snapshot_path=None) -> dict:
+    """Build, warm up, train `steps` timed steps and one tracked step; returns the result record. On CPU the
+    measurement adds the step's memory timeline and what is live at its peak (peftprof/timeline.py), and
+    `snapshot_path` receives the step as a torch memory snapshot (peftprof/snapshot.py)."""
     device = resolve_device(device)
     est = estimate(s, device=device)
     record = _base_record(s, device, est, run_options(s, device=device, steps=steps, max_memory=max_memory))
@@ -201,6 +203,15 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
         record["measured"] = {"device": device, "peak_bytes": tracked.peak_bytes, "peak_phase": tracked.peak_phase,
                               "breakdown": tracked.breakdown, "phases": phases, "step_time_s": step_time,
                               "step_times_s": times, "tokens_per_s": tokens / step_time}
+        tracker = getattr(probe, "tracker", None)
+        if tracker is not None:
+            from ..timeline import explain
+
+            record["measured"].update(explain(tracker))
+            if snapshot_path is not None:
+                from ..snapshot import write_snapshot
+
+                record["measured"]["snapshot_path"] = str(write_snapshot(tracker, snapshot_path))
         where["phase"] = "checks"
         say("checks")
         record["checks"].update(_merge_checks(built, s, ids, probe))

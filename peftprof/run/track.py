@@ -51,6 +51,9 @@ class _Alloc:
     index: int  # event index of the allocation
     freed_phase: str | None = None
     category: str | None = None  # fixed for pre-registered storages
+    shape: tuple | None = None  # of the tensor that created the storage (for the timeline and attribution)
+    dtype: object = None
+    where: str | None = None  # module path (forward, recomputation) or autograd node (backward)
 
 
 @dataclass
@@ -80,15 +83,59 @@ class MemoryTracker(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}  # uid -> weak reference whose callback records the free
         self._logit_uids: set[int] = set()
         self._roles: dict[int, str] = {}
+        self.roles: dict[int, str] = {}  # uid -> category, set by classify
+        # module attribution (peftprof/timeline.py): forward hooks keep a stack of module paths while tracking
+        self._stack: list[str] = []
+        self._root = None
+        self._names: dict[int, str] = {}
+        self._hooks: tuple = ()
 
-    def _add(self, st, category: str | None = None, is_logits: bool = False) -> int | None:
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._hooks = (register_module_forward_pre_hook(self._enter_module),
+                       register_module_forward_hook(self._exit_module, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = ()
+        return super().__exit__(*exc)
+
+    def _enter_module(self, module, args):
+        if self._root is None:
+            self._set_root(module)
+        name = self._names.get(id(module))
+        self._stack.append(type(module).__name__ if name is None else name)
+
+    def _exit_module(self, module, args, output):
+        if self._stack:
+            self._stack.pop()
+
+    def _set_root(self, root) -> None:
+        """The first module called: name every module and the storages of its parameters and buffers."""
+        self._root = root
+        self._names = {id(m): _short(n) for n, m in root.named_modules(remove_duplicate=False)}
+        for n, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+            self._name_storages(t, _short(n.rpartition(".")[0]))
+
+    def _name_storages(self, t, where: str) -> None:
+        for st in storages_of(t):
+            uid = self._seen.get(st._cdata)
+            if uid is not None and self.allocs[uid].where is None:
+                self.allocs[uid].where = where
+
+    def _add(self, st, category: str | None = None, is_logits: bool = False, t=None, where=None) -> int | None:
         key = st._cdata
         if key in self._seen:
             return None
         uid = next(self._uids)
         self._seen[key] = uid
         nbytes = st.nbytes()
-        self.allocs[uid] = _Alloc(nbytes=nbytes, phase=self.phase, index=len(self.events), category=category)
+        self.allocs[uid] = _Alloc(nbytes=nbytes, phase=self.phase, index=len(self.events), category=category,
+                                  shape=None if t is None else t.shape, dtype=None if t is None else t.dtype,
+                                  where=where)
         self.events.append((uid, 1))
         self.live_bytes += nbytes
         if is_logits:
@@ -116,7 +163,7 @@ class MemoryTracker(TorchDispatchMode):
         for t in tensors:
             if torch.is_tensor(t):
                 for st in storages_of(t):
-                    self._add(st, category)
+                    self._add(st, category, t=t)
 
     def mark(self, tensors, category: str) -> None:
         """Name what tracked storages are now (e.g. gradients just before zero_grad frees them)."""
@@ -126,6 +173,10 @@ class MemoryTracker(TorchDispatchMode):
                     uid = self._seen.get(st._cdata)
                     if uid is not None and self.allocs[uid].category is None:
                         self._roles[uid] = category
+        if category == "gradients" and self._root is not None:  # a gradient is named by its parameter's module
+            for n, p in self._root.named_parameters():
+                if p.grad is not None:
+                    self._name_storages(p.grad, _short(n.rpartition(".")[0]))
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -140,12 +191,17 @@ class MemoryTracker(TorchDispatchMode):
             # views and in-place ops return storages that already exist; the schema says so (alias_info)
             fresh = _FRESH[func] = any(r.alias_info is None for r in func._schema.returns)
         if fresh:
+            if self._stack:
+                where = self._stack[-1]
+            else:  # backward outside recomputation: the autograd node running (e.g. MmBackward0)
+                node = torch._C._current_autograd_node()
+                where = None if node is None else "autograd " + node.name()
             for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     shape = t.shape
                     is_logits = len(shape) >= 2 and shape[-1] == self.vocab_size
                     for st in storages_of(t):
-                        self._add(st, None, is_logits)
+                        self._add(st, None, is_logits, t, where)
         return out
 
     def classify(self, optimizer_state) -> TrackResult:
@@ -163,6 +219,7 @@ class MemoryTracker(TorchDispatchMode):
                 role[uid] = "activations"  # saved for backward: made in forward, alive past it
             else:
                 role[uid] = "temporaries"
+        self.roles = role
         current = dict.fromkeys(CATEGORIES, 0)
         total = peak = 0
         peak_breakdown, peak_phase = dict(current), "setup"
@@ -185,3 +242,10 @@ class MemoryTracker(TorchDispatchMode):
             a = self.allocs[uid]
             out.append(a.phase if sign > 0 else (a.freed_phase or a.phase))
         return out
+
+
+def _short(name: str) -> str:
+    """A module path without peft's wrapper prefix (base_model.model.model.layers.0 -> model.layers.0)."""
+    if name == "base_model.model":
+        return ""
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
