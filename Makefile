@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test gate baseline clean
+.PHONY: setup demo test gate baseline accuracy clean
 
 $(BIN)/peftprof: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ gate: setup
 
 baseline: setup
 	$(BIN)/peftprof estimate scenarios/*.toml --format json > benchmarks/baseline/estimates.json
+
+# The full estimator accuracy benchmark (60 generated scenarios trained on CPU, ~15 min on 2 cores): before each
+# release, weekly, and on any change to peftprof/estimate or peftprof/run. Rewrites benchmarks/results/accuracy.*
+accuracy: setup
+	$(BIN)/python benchmarks/accuracy.py --n 60 --seed 0
 
 clean:
 	rm -rf $(VENV) reports/*.html reports/*.jsonl .peftprof-cache

@@ -14,7 +14,6 @@ equals the CPU measurement, tests/test_runner.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import random
 import statistics
 import sys
@@ -48,8 +47,9 @@ def _arch(rng: random.Random) -> tuple[str, str, int]:
         text = f'model_type = "gpt2"\nn_embd = {hidden}\nn_layer = {layers}\nn_head = {heads}\nvocab_size = {vocab}\n' \
                f'n_positions = 1024\n'
     elif family == "opt":
-        text = (f'model_type = "opt"\nhidden_size = {hidden}\nnum_hidden_layers = {layers}\nnum_attention_heads = {heads}\n'
-                f'ffn_dim = {4 * hidden}\nvocab_size = {vocab}\nmax_position_embeddings = 1024\n'
+        text = (f'model_type = "opt"\nhidden_size = {hidden}\nnum_hidden_layers = {layers}\n'
+                f'num_attention_heads = {heads}\nffn_dim = {4 * hidden}\nvocab_size = {vocab}\n'
+                f'max_position_embeddings = 1024\n'
                 f'do_layer_norm_before = {str(rng.random() < 0.7).lower()}\n')
     else:
         kv = heads if family == "llama" else max(1, heads // rng.choice([2, 4]) if heads % 4 == 0 else heads)
@@ -157,82 +157,11 @@ def speed_figures() -> list[str]:
     return lines
 
 
-def tracker_overhead(path, device: str = "cpu") -> list[str]:
-    """Step time with the runner's memory probe against without it, on the first variant of a scenario.
-
-    CPU: the tensor tracker; the same step is also timed under an empty TorchDispatchMode, the floor any
-    tensor-level tracker built on torch's Python dispatch pays per aten op. CUDA: the allocator-counter
-    probe (a synchronize and a counter reset per phase); steps end with a synchronize so times are whole.
-    """
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from peftprof.run.build import build
-    from peftprof.run.probe import make_probe
-    from peftprof.run.step import registered_tensors, train_step
-    from peftprof.scenario import load_scenario
-
-    class EmptyMode(TorchDispatchMode):
-        n_ops = 0
-
-        @classmethod
-        def _should_skip_dynamo(cls) -> bool:
-            return False  # as MemoryTracker
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n_ops += 1
-            return func(*args, **(kwargs or {}))
-
-    s = load_scenario(path)[0]
-    built = build(s, device)
-    ids = torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len), device=device)
-    probe = make_probe(device)
-    built.model.train()
-
-    def timed(context) -> float:
-        probe.synchronize()
-        t = time.perf_counter()
-        with context:
-            train_step(built, s, ids, probe, {})
-        probe.synchronize()
-        return time.perf_counter() - t
-
-    for _ in range(2):
-        timed(contextlib.nullcontext())
-    times: dict[str, list[float]] = {"plain": [], "empty": [], "tracked": []}
-    n_ops = 0
-    for _ in range(31 if s.model.arch.hidden_size < 512 else 5):  # interleaved: 2 shared cores drift by +-20%
-        times["plain"].append(timed(contextlib.nullcontext()))
-        mode = EmptyMode()
-        times["empty"].append(timed(mode))
-        n_ops = mode.n_ops
-        times["tracked"].append(timed(probe.tracking(registered_tensors(built))))
-    probe.finish()
-
-    def paired(key: str) -> float:  # median of per-round ratios: robust to drift between rounds
-        return statistics.median(b / a for a, b in zip(times["plain"], times[key])) - 1
-
-    plain_s = statistics.median(times["plain"])
-    total, floor = paired("tracked"), paired("empty")
-    target = 0.15 if device == "cpu" else 0.03
-    verdict = "met" if total <= target else "missed"
-    what = "Tracker" if device == "cpu" else "Allocator-probe"
-    return [(f"- {what} overhead on {device.upper()}, {s.name} ({n_ops:,} aten ops/step, {plain_s / n_ops * 1e6:.0f} us "
-             f"per op; median of {len(times['plain'])} interleaved rounds): {plain_s * 1000:.1f} ms/step untracked, "
-             f"{total * 100:+.1f}% tracked (target <= {target:.0%}: {verdict}). The same step under an empty "
-             f"TorchDispatchMode, the floor of any tensor-level tracker built on torch's Python dispatch: "
-             f"{floor * 100:+.1f}%.")]
-
-
 def overhead_lines(device: str) -> list[str]:
-    """Probe overhead on the quickstart's first variant and on a 1024-hidden fp32 llama (`mid`)."""
-    import tempfile
+    """Probe overhead against a step with no probe: benchmarks/overhead.py (also runnable alone)."""
+    from overhead import overhead_lines as measure  # benchmarks/overhead.py
 
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "mid.toml").write_text('name = "mid"\n[model]\npreset = "tiny-llama"\nhidden_size = 1024\n'
-                                  'num_attention_heads = 16\nintermediate_size = 2752\n[precision]\nweights = "fp32"\n'
-                                  '[training]\nbatch_size = 2\nseq_len = 512\n')
-    return tracker_overhead(ROOT / "scenarios" / "quickstart.toml", device) + tracker_overhead(tmp / "mid.toml", device)
+    return measure(device)
 
 
 def tail_sections() -> list[str]:
@@ -258,7 +187,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--speed-only", action="store_true",
                     help="re-measure the speed and published sections of an existing accuracy.md, keep the rest")
-    ap.add_argument("--overhead", choices=["cpu", "cuda"], help="only the probe overhead, on this device")
+    ap.add_argument("--overhead", choices=["cpu", "cuda"],
+                    help="only the probe overhead, on this device (= benchmarks/overhead.py --device)")
     args = ap.parse_args()
     import warnings
 
@@ -299,8 +229,9 @@ def main() -> int:
         if measured:
             row["analytic_err"] = rel(analytic["peak_bytes"], measured["peak_bytes"])
             row["trace_err"] = None if traced is None else rel(traced["peak_bytes"], measured["peak_bytes"])
-            row["category_err"] = {c: (analytic["breakdown"][c] - measured["breakdown"].get(c, 0)) / measured["peak_bytes"]
-                                   for c in _categories()}
+            row["category_err"] = {
+                c: (analytic["breakdown"][c] - measured["breakdown"].get(c, 0)) / measured["peak_bytes"]
+                for c in _categories()}
         rows.append(row)
         if rec is not None:
             rec["trace_estimate"] = traced
@@ -309,11 +240,12 @@ def main() -> int:
               + ("" if row.get("trace_err") is None else f", trace {row['trace_err'] * 100:+.3f}%"), file=sys.stderr)
     elapsed = time.perf_counter() - started
     ok = [r for r in rows if "analytic_err" in r]
+    reference = "the trace (equal to CPU measurements)" if args.no_run else "the CPU runner tensor-level peak"
     lines = [f"# Estimator accuracy ({datetime.now(timezone.utc):%Y-%m-%d})", "",
              f"`benchmarks/accuracy.py --n {args.n} --seed {args.seed}{' --no-run' if args.no_run else ''}`: "
              f"{len(rows)} generated scenarios, {len(ok)} measured, in {elapsed / 60:.1f} min on "
-             f"{__import__('os').cpu_count()} cores. torch {torch.__version__}, transformers {transformers.__version__}, "
-             f"peft {peft.__version__}. Reference: {'the trace (equal to CPU measurements)' if args.no_run else 'the CPU runner tensor-level peak'}.",
+             f"{__import__('os').cpu_count()} cores. torch {torch.__version__}, "
+             f"transformers {transformers.__version__}, peft {peft.__version__}. Reference: {reference}.",
              "", "Error = (estimate - measured) / measured. Category errors are relative to the measured peak.", "",
              "| | median | p90 | max |", "|---|---:|---:|---:|",
              f"| analytic peak | {summarise([r['analytic_err'] for r in ok])} |",
@@ -321,11 +253,13 @@ def main() -> int:
     for c in _categories():
         lines.append(f"| analytic {c} | {summarise([r['category_err'][c] for r in ok])} |")
     for key in ("method", "weights"):
-        lines += ["", f"By {key} (analytic peak):", "", f"| {key} | n | median | p90 | max |", "|---|---:|---:|---:|---:|"]
+        lines += ["", f"By {key} (analytic peak):", "", f"| {key} | n | median | p90 | max |",
+                  "|---|---:|---:|---:|---:|"]
         for value in sorted({r[key] for r in ok}):
             errs = [r["analytic_err"] for r in ok if r[key] == value]
             lines.append(f"| {value} | {len(errs)} | {summarise(errs)} |")
-    lines += ["", "Per scenario:", "", "| variant | status | measured MiB | analytic | trace |", "|---|---|---:|---:|---:|"]
+    lines += ["", "Per scenario:", "", "| variant | status | measured MiB | analytic | trace |",
+              "|---|---|---:|---:|---:|"]
     for r in rows:
         m = "-" if not r["measured"] else f"{r['measured'] / 2**20:.1f}"
         a = "-" if "analytic_err" not in r else f"{r['analytic_err'] * 100:+.2f}%"

@@ -128,7 +128,8 @@ def test_qlora_paper_bits_per_parameter(write_scenario):
     arch = ('model_type = "llama"\nhidden_size = 4096\nnum_hidden_layers = 1\nnum_attention_heads = 32\n'
             'intermediate_size = 4096\nvocab_size = 1000\n')
     for dq, bits in [(False, 0.5), (True, 0.127)]:
-        s = scenario(write_scenario, arch, "", f'weights = "nf4"\ncompute_dtype = "bf16"\ndouble_quant = {str(dq).lower()}\n')
+        precision = f'weights = "nf4"\ncompute_dtype = "bf16"\ndouble_quant = {str(dq).lower()}\n'
+        s = scenario(write_scenario, arch, "", precision)
         n = sum(spec.n_weight_params for spec in mem.quantized_linears(s.model.arch))
         assert mem.quant_constant_bytes(s) * 8 / n == pytest.approx(bits, abs=0.0015)
 
@@ -172,9 +173,10 @@ def test_paged_states_leave_the_allocator_on_cuda(write_scenario):
     resident, paged = mem.optimizer_state_bytes(s, device="cuda")
     # tensors >= 1e5: embedding 512,000; lm_head 512,000; 7 linears of 262,144 each (512x512)
     big = [512_000, 512_000] + [262_144] * 7
-    assert paged == sum(2 * n + 2 * math.ceil(n / 256) * 4 for n in big)
-    # the rest: 3 norm weights of 512 (< 4096 -> two fp32 states) + the two shared 256-entry maps
-    assert resident == 3 * 2 * 512 * 4 + 2 * 256 * 4
+    assert paged == sum(2 * n for n in big)  # only state1/state2 are paged (uint8, one byte per value)
+    # resident: absmax1/2 of the big tensors (fp32 per 256 values, each rounded up to the allocator's 512 B),
+    # 3 norm weights of 512 (< 4096 -> two fp32 states) and the two shared 256-entry maps
+    assert resident == 2 * 2 * 8192 + 7 * 2 * 4096 + 3 * 2 * 512 * 4 + 2 * 256 * 4  # 104,448
 
 
 def test_default_target_tables_equal_peft_constants():
@@ -183,7 +185,9 @@ def test_default_target_tables_equal_peft_constants():
     from peftprof.settings import IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGETS, LORA_DEFAULT_TARGETS
 
     for model_type in LORA_DEFAULT_TARGETS:
-        assert list(LORA_DEFAULT_TARGETS[model_type]) == constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]
-        assert list(IA3_DEFAULT_TARGETS[model_type]) == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type]
+        assert list(LORA_DEFAULT_TARGETS[model_type]) == \
+            constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]
+        assert list(IA3_DEFAULT_TARGETS[model_type]) == \
+            constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type]
         assert list(IA3_DEFAULT_FEEDFORWARD[model_type]) == \
             constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type]

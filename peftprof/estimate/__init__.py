@@ -1,37 +1,34 @@
 """Analytic estimator: peak memory of a steady-state training step as a breakdown, FLOPs and speed.
 
 `estimate(scenario)` returns the JSON structure every later stage consumes (see README, "Estimate JSON").
+
+Layout, one concern per module; imports only go down this list (no cycles):
+- widths.py: bytes per element of every kind of tensor (hidden stream, non-quantized parameters, compute,
+  trainable parameters, adapters, dropout masks). A term that changes dtypes (autocast) belongs beside it.
+- memory.py: persistent state (weights, quantization constants, trainable parameters, gradients, optimizer).
+- activations.py: what a step saves and its transients (per layer, model-level, logits, backward moments).
+- flops.py: FLOPs and speed. cuda.py: what differs on CUDA (allocator blocks, reserved/device terms).
+- this module: the peak as the largest moment of the step. Coming terms take their own module beside these
+  (sharding: a world-size divisor of memory.py's terms; allocator models next to cuda.py).
 """
 
 from __future__ import annotations
-
-import math
 
 from ..catalog import Gpu
 from ..results import CATEGORIES
 from ..settings import Scenario
 from . import activations as act_mod
 from . import memory as mem
+from .cuda import (  # noqa: F401  (CUDA terms live in estimate/cuda.py; re-exported for trace.py)
+    CUDA_CONTEXT_BYTES,
+    CUDA_CUBLAS_WORKSPACE_BYTES,
+    CUDA_RESERVED_FACTOR,
+    CUDA_SEGMENT_BYTES,
+    cuda_reserved_and_device_bytes,
+)
 from .flops import DEFAULT_MFU, flops_per_step
 
 MIB = 1 << 20
-# CUDA terms: assumptions until measured on a GPU (benchmarks/gpu_check.sh). cuBLAS keeps a workspace in
-# torch's caching allocator (torch/csrc/cuda/CUDABlasHandlePool.cpp, default :4096:8 = 32 MiB on Hopper).
-CUDA_CUBLAS_WORKSPACE_BYTES = 32 * MIB
-CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + kernels, outside the allocator (nvidia-smi only)
-CUDA_RESERVED_FACTOR = 1.05  # caching-allocator fragmentation over max_memory_allocated
-CUDA_SEGMENT_BYTES = 2 * MIB  # small-pool segments are 2 MiB (c10/cuda/CUDACachingAllocator.cpp)
-
-
-def _round_up(n: float, to: int) -> int:
-    return int(math.ceil(n / to) * to)
-
-
-def cuda_reserved_and_device_bytes(peak_bytes: int) -> dict[str, int]:
-    """What the caching allocator reserves for an allocated peak and what nvidia-smi would show
-    (assumed terms above, until measured)."""
-    reserved = _round_up(peak_bytes * CUDA_RESERVED_FACTOR, CUDA_SEGMENT_BYTES)
-    return {"reserved_bytes": reserved, "device_bytes": reserved + CUDA_CONTEXT_BYTES}
 
 
 def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], int, str]:
@@ -62,7 +59,8 @@ def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], int, 
            "temporaries": 2 * mem.embedding_weight_elements(s) * mem.trainable_bytes_per_element(s)
            if s.peft.method == "full" and s.model.arch.tied_embeddings else 0}
     # 4. optimizer step: all gradients and the optimizer's temporaries
-    step = {"gradients": grads, "activations": 0, "logits": 0, "temporaries": mem.optimizer_temporary_bytes(s)}
+    step = {"gradients": grads, "activations": 0, "logits": 0,
+            "temporaries": mem.optimizer_temporary_bytes(s, device=device)}
     candidates = [("backward", backward), ("backward", late), ("backward", end), ("optimizer", step)]
     phase, varying = max(candidates, key=lambda c: sum(c[1].values()))
     breakdown = {c: int({**persistent, **varying}[c]) for c in CATEGORIES}

@@ -7,21 +7,25 @@ name so a tensor saved by two ops counts once. Bytes throughout.
 from __future__ import annotations
 
 import functools
+
 from ..arch import LinearSpec
 from ..settings import Scenario, matches_target
-from .memory import FP32, activation_bytes_per_element, compute_bytes_per_element, quantized_linears
+from .memory import embedding_gradient_bytes, quantized_linears, quanto_group_size
+from .widths import (
+    ADAPTER_BYTES_PER_ELEMENT,
+    FP32,
+    activation_bytes_per_element,
+    adapter_dropout_mask_bytes_per_element,
+    compute_bytes_per_element,
+    dropout_mask_bytes_per_element,
+    trainable_bytes_per_element,
+)
 
 
 def tokens_per_micro_batch(s: Scenario) -> int:
     """b * s; prompt tuning prepends num_virtual_tokens to every sequence (peft PeftModelForCausalLM)."""
     extra = s.peft.num_virtual_tokens if s.peft.method == "prompt_tuning" else 0
     return s.training.batch_size * (s.training.seq_len + extra)
-
-
-def dropout_mask_bytes_per_element(s: Scenario, device: str) -> int:
-    """What dropout saves per element: CUDA's fused native_dropout keeps a bool mask; the CPU kernel
-    (aten/native/Dropout.cpp) draws the mask with empty_like(input).bernoulli_, in the input's dtype."""
-    return 1 if device == "cuda" else activation_bytes_per_element(s)
 
 
 def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: int, act: int,
@@ -39,21 +43,22 @@ def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: i
     tag = spec.path
     if m.method == "lora":
         # peft/tuners/lora/layer.py: x cast to the fp32 adapter dtype, dropout, lora_A, lora_B
+        adapter = ADAPTER_BYTES_PER_ELEMENT
         if m.dropout > 0:
-            saved[f"{tag}.dropout_out"] = FP32 * T * spec.in_features
-            saved[f"{tag}.dropout_mask"] = (1 if device == "cuda" else FP32) * T * spec.in_features
-        elif act == FP32:
+            saved[f"{tag}.dropout_out"] = adapter * T * spec.in_features
+            saved[f"{tag}.dropout_mask"] = adapter_dropout_mask_bytes_per_element(device) * T * spec.in_features
+        elif act == adapter:
             saved[in_key] = act * T * spec.in_features  # the cast is a no-op: lora_A saves x itself
         else:
-            saved[f"{tag}.x_fp32"] = FP32 * T * spec.in_features
-        saved[f"{tag}.lora_A_out"] = FP32 * T * m.r
+            saved[f"{tag}.x_fp32"] = adapter * T * spec.in_features
+        saved[f"{tag}.lora_A_out"] = adapter * T * m.r
     else:
         # peft/tuners/ia3/layer.py: feed-forward modules scale the input (saves x), others the output
         if any(matches_target(spec.path, t) for t in m.feedforward_targets(s.model.arch)):
-            if act == FP32:
+            if act == ADAPTER_BYTES_PER_ELEMENT:
                 saved[in_key] = act * T * spec.in_features
             else:  # x.to(fp32 adapter dtype) before the scaling: the mul saves that copy
-                saved[f"{tag}.x_fp32"] = FP32 * T * spec.in_features
+                saved[f"{tag}.x_fp32"] = ADAPTER_BYTES_PER_ELEMENT * T * spec.in_features
         else:
             saved[f"{tag}.base_out"] = act * T * spec.out_features
     return saved
@@ -138,6 +143,12 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
             saved["softmax"] = act * probs
             saved["attn_dropout_mask"] = mask * probs
             saved["dropped_probs"] = act * probs
+            if a.model_type == "gpt2" and s.training.attention == "sdpa" and b == 1:
+                # gpt2 splits q, k, v from one c_attn output (modeling_gpt2.py); the math path saves scaled
+                # copies of q and k (the keys above) and, for probs @ v, v folded to (b*heads, s, head_dim):
+                # with b = 1 that reshape is a view that keeps the whole q|k|v storage alive, with b > 1 a
+                # copy (the v above). Measured on CPU.
+                saved["qkv_rest"] = act * T * (q_dim + 2 * kv_dim) - saved["v"]
             return
         if s.training.attention == "sdpa":
             saved["attn_out"] = act * T * q_dim
@@ -210,14 +221,39 @@ def model_activation_bytes(s: Scenario, device: str = "cpu") -> int:
     a = s.model.arch
     act = activation_bytes_per_element(s)
     T = tokens_per_micro_batch(s)
-    total = 0
-    if a.final_norm:
-        total += FP32 * T * a.hidden_size + FP32 * T if a.norm == "rms" else act * T * a.hidden_size + 2 * FP32 * T
-    if a.n_position_embeddings == 0:
+    total = final_norm_saved_bytes(s)
+    prefix = s.peft.method == "prefix_tuning"
+    if a.n_position_embeddings == 0 and not (prefix and a.n_layers == 1):
+        # (prefix tuning: layer 0's rotary muls act on frozen q/k that need no gradient and save nothing)
         total += 2 * act * T * a.head_dim
+    if prefix and s.training.attention == "sdpa":
+        # the prefix makes q and kv lengths differ, so transformers passes SDPA an explicit mask (masking_utils
+        # sdpa_mask: no is_causal shortcut), which torch converts to a float mask in the query dtype
+        # (convert_boolean_attn_mask) and the kernel saves: b x s x s_kv, shared by all layers. Measured on CPU.
+        b = s.training.batch_size
+        total += act * T * (T // b + s.peft.num_virtual_tokens)
     if a.resid_dropout:  # embedding dropout (gpt2 embd_pdrop, opt dropout) saves its mask
         total += dropout_mask_bytes_per_element(s, device) * T * a.hidden_size
+    if s.training.checkpoint_every and s.training.attention == "eager":
+        # eager attention gets an additive b x 1 x s x s_kv mask in the hidden dtype (transformers
+        # masking_utils.py eager_mask); torch.utils.checkpoint keeps every input of a checkpointed layer,
+        # the mask included, until that layer's backward (measured on CPU)
+        b = s.training.batch_size
+        total += activation_bytes_per_element(s) * b * (T // b) * (T // b)
     return total
+
+
+def final_norm_saved_bytes(s: Scenario) -> int:
+    """The final norm's saved tensors (as in `norm` above): its backward runs before any decoder layer's, so
+    they are gone by then (autograd runs nodes in reverse creation order; measured on CPU)."""
+    a = s.model.arch
+    T = tokens_per_micro_batch(s)
+    if not a.final_norm:
+        return 0
+    if a.norm == "rms":  # full fine-tuning: weight * normed also saves normed, as in `norm`
+        normed = activation_bytes_per_element(s) * T * a.hidden_size if s.peft.method == "full" else 0
+        return FP32 * T * a.hidden_size + FP32 * T + normed
+    return activation_bytes_per_element(s) * T * a.hidden_size + 2 * FP32 * T
 
 
 def activation_bytes(s: Scenario, device: str = "cpu") -> int:
@@ -227,7 +263,20 @@ def activation_bytes(s: Scenario, device: str = "cpu") -> int:
     k = s.training.checkpoint_every
     per_layer = activation_bytes_per_layer(s, device)
     n_ckpt = len(range(0, n, k)) if k else 0
-    return n_ckpt * checkpoint_bytes_per_layer(s) + (n - n_ckpt) * per_layer + model_activation_bytes(s, device)
+    return n_ckpt * checkpoint_bytes_per_layer(s) + (n - n_ckpt) * per_layer + model_activation_bytes(s, device) - \
+        first_layer_unsaved_bytes(s, device)
+
+
+FIRST_NORMS = ("input_layernorm.", "self_attn_layer_norm.", "ln_1.")  # each family's norm before attention
+
+
+def first_layer_unsaved_bytes(s: Scenario, device: str = "cpu") -> int:
+    """Prefix tuning: before layer 0's attention nothing requires a gradient (frozen embeddings, norm and
+    projections; the trainable prefix enters as past keys/values), so autograd records no node there and that
+    norm and the q/k/v projections save nothing (only the attention onwards does). Measured on CPU."""
+    if s.peft.method != "prefix_tuning" or s.training.checkpoint_every:
+        return 0
+    return sum(v for key, v in layer_saves(s, device).items() if key.startswith(FIRST_NORMS) or key == "x1")
 
 
 def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = "cpu") -> dict[str, int]:
@@ -236,8 +285,6 @@ def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = 
     accumulate as backward goes down; the untied embedding's comes last), saved tensors of layers 0..i
     (those above were freed), the model's logits held by the outputs, and as temporaries the recomputed
     layer i when checkpointed plus the start of its backward."""
-    from .memory import embedding_gradient_bytes, trainable_bytes_per_element
-
     a = s.model.arch
     n, k = a.n_layers, s.training.checkpoint_every
     full = s.peft.method == "full"
@@ -255,23 +302,27 @@ def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = 
         top_grads = 0
     per_layer, ckpt = activation_bytes_per_layer(s, device), checkpoint_bytes_per_layer(s)
     held = [ckpt if k and i % k == 0 else per_layer for i in range(n)]
+    held[0] -= first_layer_unsaved_bytes(s, device)
     common = {"logits": held_logits_bytes(s), "temporaries": 0}
     best: dict[str, int] = {}
     below = sum(held)
     mlp = mlp_saved_bytes(s, device)
-    model_level = model_activation_bytes(s, device)
-    mlp_temps, attn_temps = backward_temporary_bytes(s), attention_backward_temporary_bytes(s)
+    model_level = model_activation_bytes(s, device) - final_norm_saved_bytes(s)
+    mlp_moments, attn_temps = mlp_backward_moments(s, device), attention_backward_temporary_bytes(s)
     for i in range(n - 1, -1, -1):
-        g = top_grads + (n - 1 - i) * per_layer_grad if s.training.grad_accum_steps == 1 else grads
+        one_step = s.training.grad_accum_steps == 1
+        g = top_grads + (n - 1 - i) * per_layer_grad if one_step else grads
         ckpt_i = bool(k) and i % k == 0
-        # start of the layer's backward (MLP first): the whole layer saved (recomputed if checkpointed)
-        start = {**common, "gradients": max(g, grads_live), "activations": below + model_level,
-                 "temporaries": (per_layer if ckpt_i else 0) + mlp_temps}
+        # the layer's MLP backward (first): the layer saved (recomputed if checkpointed) less what is freed
+        cands = [{**common, "gradients": max(g + (layer_grads if one_step else 0), grads_live),
+                  "activations": below + model_level - (0 if ckpt_i else freed),
+                  "temporaries": (per_layer - freed if ckpt_i else 0) + temps}
+                 for freed, layer_grads, temps in mlp_moments]
         # inside attention's backward: the layer's MLP part is freed
-        attn = {**common, "gradients": max(g, grads_live),
-                "activations": below - (0 if ckpt_i else mlp) + model_level,
-                "temporaries": (per_layer - mlp if ckpt_i else 0) + attn_temps}
-        for cand in (start, attn):
+        cands.append({**common, "gradients": max(g, grads_live),
+                      "activations": below - (0 if ckpt_i else mlp) + model_level,
+                      "temporaries": (per_layer - mlp if ckpt_i else 0) + attn_temps})
+        for cand in cands:
             if sum(cand.values()) > sum(best.values()):
                 best = cand
         below -= held[i]
@@ -302,21 +353,74 @@ def held_logits_bytes(s: Scenario) -> int:
 
 
 def dequantized_weight_bytes(s: Scenario) -> int:
-    """A dequantized 4-bit/8-bit weight in compute dtype while its matmul runs (bitsandbytes
-    dequantize_4bit / MatMul8bitFp; quanto dequantizes on CPU too)."""
+    """The transients of dequantizing the largest quantized weight while its matmul runs: bitsandbytes
+    dequantize_4bit / MatMul8bitFp give one weight in the compute dtype; optimum-quanto (int4) see
+    `quanto_dequantize_bytes`."""
     if not s.precision.is_quantized:
         return 0
-    biggest = max(spec.n_weight_params for spec in quantized_linears(s.model.arch))
-    return compute_bytes_per_element(s) * biggest
+    compute = compute_bytes_per_element(s)
+    if s.precision.weights == "int4":
+        return max(quanto_dequantize_bytes(spec.in_features, spec.out_features, compute)
+                   for spec in quantized_linears(s.model.arch))
+    return compute * max(spec.n_weight_params for spec in quantized_linears(s.model.arch))
 
 
-def backward_temporary_bytes(s: Scenario) -> int:
-    """Transients at the start of one layer's backward, while its saved tensors are all still live: the
-    gradient of down_proj's input (b*s*intermediate; measured on CPU), plus a dequantized weight for
-    quantized bases."""
+QUANTO_TINYGEMM_GROUP = 128  # optimum-quanto tensor/weights/qbits.py WeightQBitsTensor.create: the CPU tinygemm layout
+BF16 = 2
+
+
+def quanto_dequantize_bytes(in_features: int, out_features: int, compute: int) -> int:
+    """Peak transients of one optimum-quanto qint4 weight's dequantization (tensor/qtensor.py qfallback: every
+    matmul the backward runs on it, and the forward's outside the tinygemm layout). Measured on CPU with the
+    tracker seeing into quanto's ops (n = in x out):
+    - plain layout (tensor/qbits.py QBitsDequantizer.forward): unpacked codes, one uint8 each, alive while
+      `scale * data` makes the weight in the compute dtype: (1 + compute) * n;
+    - tinygemm layout (bf16 scales and group 128, WeightQBitsTensor.create): tinygemm/packed.py unpack
+      multiplies an in x in bf16 identity by the packed weight (_weight_int4pack_mm_for_cpu, bf16 in x out
+      output, with an (in/32, out, 2) bf16 identity scale/shift: n/8 B), then tinygemm/qbits.py
+      weight_qbits_tensor recomputes a bf16 shift per group (n/64 B), repacks the codes (n/2 B) and dequantizes
+      as above (unpacked n, bf16 2n): the larger of 2*in^2 + 2n + n/8 and 3.5n + n/64."""
+    n = in_features * out_features
+    if compute == BF16 and quanto_group_size(in_features, out_features) == QUANTO_TINYGEMM_GROUP:
+        return max(BF16 * in_features * in_features + BF16 * n + n // 8, n // 2 + n + BF16 * n + n // 64)
+    return (1 + compute) * n
+
+
+DOWN_PROJECTIONS = ("down_proj", "mlp.c_proj", "fc2")  # the MLP's last linear: llama family, gpt2, opt
+
+
+def mlp_backward_moments(s: Scenario, device: str = "cpu") -> list[tuple[int, int, int]]:
+    """The largest moments of one layer's MLP backward, as (saved bytes already freed, gradient bytes of the
+    layer already made, temporaries). Autograd runs nodes in reverse creation order (torch/csrc/autograd
+    engine.cpp: ready queue by sequence number) and frees a node's saved tensors once it has run:
+    1. the down projection's base backward: the gradient of its input (b*s*intermediate) and a dequantized
+       weight for quantized bases. A LoRA branch on it (peft lora/layer.py: result + lora_B(lora_A(x)), made
+       after the base) has run first: its saved tensors are freed, its gradients made, and its input gradient
+       waits for the base's to be summed (2 x b*s*intermediate).
+    2. gated MLPs (llama family): the backward of act(gate) * up holds the incoming gradient and the
+       gradients of both factors (derivatives.yaml mul.Tensor), 3 x b*s*intermediate, the down projection's
+       saved tensors all freed.
+    Measured on CPU."""
     a = s.model.arch
-    return activation_bytes_per_element(s) * tokens_per_micro_batch(s) * a.intermediate_size + \
-        dequantized_weight_bytes(s)
+    grad = activation_bytes_per_element(s) * tokens_per_micro_batch(s) * a.intermediate_size
+    down = next(spec for spec in a.layer_linears if spec.path.endswith(DOWN_PROJECTIONS))
+    saves = layer_saves(s, device)
+    m = s.peft
+    lora = m.method == "lora" and any(matches_target(down.path, t) for t in m.targets(a))
+    base_saves_input = m.method == "full" or s.precision.weights in ("int8", "int4")
+    lora_saves = sum(v for key, v in saves.items() if key.startswith(down.path + "."))
+    if lora and not base_saves_input:
+        lora_saves += saves.get("mlp_mid", 0)  # lora_A saved x itself (fp32 hidden stream, no dropout)
+    if lora:
+        layer_grads = m.r * (down.in_features + down.out_features) * ADAPTER_BYTES_PER_ELEMENT
+    elif m.method == "full":  # the weight's gradient comes with the input's (F.linear backward)
+        layer_grads = (down.n_weight_params + (down.out_features if down.bias else 0)) * trainable_bytes_per_element(s)
+    else:
+        layer_grads = 0
+    moments = [(lora_saves if lora else 0, layer_grads, (2 if lora else 1) * grad + dequantized_weight_bytes(s))]
+    if a.model_type not in ("gpt2", "opt"):
+        moments.append((lora_saves + saves.get("mlp_mid", 0) * (not lora or base_saves_input), layer_grads, 3 * grad))
+    return moments
 
 
 def attention_backward_temporary_bytes(s: Scenario) -> int:

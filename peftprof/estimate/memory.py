@@ -11,32 +11,17 @@ import math
 
 from ..arch import Arch, LinearSpec
 from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
+from .widths import (  # noqa: F401  (re-exported: estimate/cuda.py and tests read them here)
+    ADAPTER_BYTES_PER_ELEMENT,
+    FP32,
+    compute_bytes_per_element,
+    non_quantized_bytes_per_element,
+    trainable_bytes_per_element,
+)
 
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes/optim/optimizer.py: Optimizer8bit min_8bit_size default
 BNB_8BIT_BLOCK = 256  # bitsandbytes/functional.py: blockwise optimizer states, 256 values per absmax
 BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes/optim/optimizer.py get_state_buffer: smaller states are not paged
-FP32 = 4
-
-
-def compute_bytes_per_element(s: Scenario) -> int:
-    return BYTES_PER_ELEMENT[s.precision.compute_dtype]
-
-
-def activation_bytes_per_element(s: Scenario) -> int:
-    """dtype of the hidden stream. peft's prepare_model_for_kbit_training upcasts every non-quantized
-    parameter (embeddings, norms, lm_head) of a bitsandbytes model to fp32 (peft/utils/other.py), so its
-    hidden states are fp32; bitsandbytes casts to compute_dtype inside each layer and back
-    (nn/modules.py). quanto (int4) models keep the compute dtype (see run/build.py)."""
-    return non_quantized_bytes_per_element(s)
-
-
-def non_quantized_bytes_per_element(s: Scenario) -> int:
-    """Embeddings, norms, lm_head: fp32 on bitsandbytes models (prepare_model_for_kbit_training), the compute
-    dtype on int4 (quanto) models, else the weights dtype."""
-    p = s.precision
-    if p.weights == "int4":
-        return BYTES_PER_ELEMENT[p.compute_dtype]
-    return FP32 if p.is_quantized else BYTES_PER_ELEMENT[p.weights]
 
 
 def quantized_linears(a: Arch) -> tuple[LinearSpec, ...]:
@@ -74,7 +59,7 @@ def quant_constant_bytes(s: Scenario) -> int:
             continue
         if p.weights == "int4":
             # optimum-quanto qint4: a scale and a shift per group, in the compute dtype
-            total += 2 * n // quanto_group_size(spec.in_features, spec.out_features) * BYTES_PER_ELEMENT[p.compute_dtype]
+            total += 2 * n // quanto_group_size(spec.in_features, spec.out_features) * compute_bytes_per_element(s)
             continue
         n_blocks = math.ceil(n / p.quant_block_size)
         if p.double_quant:
@@ -147,17 +132,11 @@ def _all_parameter_tensors(a: Arch) -> list[int]:
     return out
 
 
-def trainable_bytes_per_element(s: Scenario) -> int:
-    """peft keeps adapters in fp32 (autocast_adapter_dtype=True casts fp16/bf16 adapters up, verified on
-    peft 0.21); full fine-tuning trains the weights in their own dtype."""
-    return BYTES_PER_ELEMENT[s.precision.weights] if s.peft.method == "full" else FP32
-
-
 def trainable_param_bytes(s: Scenario) -> int:
     """Adapter parameters; 0 for full fine-tuning (its weights are in `weight_bytes`)."""
     if s.peft.method == "full":
         return 0
-    return sum(trainable_tensors(s)) * FP32
+    return sum(trainable_tensors(s)) * ADAPTER_BYTES_PER_ELEMENT
 
 
 def gradient_bytes(s: Scenario) -> int:
@@ -171,11 +150,17 @@ def optimizer_state_bytes(s: Scenario, *, device: str = "cpu") -> tuple[int, int
     2 uint8 states + fp32 absmax per 256 values, fp32 states for tensors under 4096 values, and the two
     shared 256-entry fp32 quantization maps. 32-bit bnb states are fp32. Paged states live in CUDA
     unified memory (not in torch's allocator) when >= 1e5 values. SGD: torch default momentum 0 keeps
-    no state."""
+    no state. On CUDA the implementations differ: estimate/cuda.py."""
     opt = s.training.optimizer
     if opt == "sgd":
         return 0, 0
     tensors = trainable_tensors(s)
+    if device == "cuda":
+        from . import cuda
+
+        if opt == "adamw":
+            return cuda.adamw_state_bytes(tensors, trainable_bytes_per_element(s)), 0
+        return cuda.bnb_state_bytes(tensors, eight_bit=opt.endswith("8bit"), paged=opt.startswith("paged"))
     resident = paged = 0
     if opt == "adamw":
         return sum(tensors) * trainable_bytes_per_element(s) * 2 + FP32 * len(tensors), 0
@@ -205,13 +190,18 @@ def embedding_gradient_bytes(s: Scenario) -> int:
     return a.vocab_size * a.embed_dim * trainable_bytes_per_element(s)
 
 
-def optimizer_temporary_bytes(s: Scenario) -> int:
-    """Transients of one optimizer step. torch's single-tensor AdamW (the CPU default, optim/adamw.py)
-    computes denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps): two parameter-sized
-    temporaries for the largest tensor (measured on CPU). bitsandbytes updates in place in its kernels;
-    SGD without momentum adds the gradient in place."""
+def optimizer_temporary_bytes(s: Scenario, *, device: str = "cpu") -> int:
+    """Transients of one optimizer step. torch's single-tensor AdamW (the CPU default, optim/adam.py
+    _single_tensor_adam l. 544) computes denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps): two
+    parameter-sized temporaries for the largest tensor (measured on CPU). On CUDA the foreach implementation
+    (estimate/cuda.py). bitsandbytes updates in place in its kernels; SGD without momentum adds the gradient
+    in place (optim/sgd.py _single_tensor_sgd / _multi_tensor_sgd)."""
     if s.training.optimizer != "adamw":
         return 0
+    if device == "cuda":
+        from .cuda import adamw_temporary_bytes
+
+        return adamw_temporary_bytes(trainable_tensors(s), trainable_bytes_per_element(s))
     return 2 * max(trainable_tensors(s), default=0) * trainable_bytes_per_element(s)
 
 

@@ -185,7 +185,15 @@ class MemoryTracker(TorchDispatchMode):
         return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        wrapper = next((t for t in types if hasattr(t, "__tensor_flatten__")), None)
+        if wrapper is not None:
+            # a wrapper subclass (optimum-quanto's QTensors) runs its own aten ops inside its __torch_dispatch__,
+            # where this mode is off: re-enter the mode so they are tracked (quanto dequantizes its weight on
+            # every matmul, optimum/quanto/tensor/qtensor.py qfallback)
+            with self:
+                out = wrapper.__torch_dispatch__(func, types, args, kwargs or {})
+        else:
+            out = func(*args, **(kwargs or {}))
         fresh = _FRESH.get(func)
         if fresh is None:
             # views and in-place ops return storages that already exist; the schema says so (alias_info)
