@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .memory import BNB_8BIT_BLOCK, BNB_8BIT_MIN_SIZE, BNB_PAGED_MIN_NUMEL, FP32
+from .widths import BNB_8BIT_BLOCK, BNB_8BIT_MIN_SIZE, BNB_PAGED_MIN_NUMEL, FP32
 
 MIB = 1 << 20
 # Assumptions until measured on a GPU (benchmarks/gpu_check.sh). cuBLAS keeps a workspace in torch's caching

@@ -11,17 +11,17 @@ import math
 
 from ..arch import Arch, LinearSpec
 from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
-from .widths import (  # noqa: F401  (re-exported: estimate/cuda.py and tests read them here)
+from . import cuda
+from .widths import (  # noqa: F401  (re-exported: tests read them here)
     ADAPTER_BYTES_PER_ELEMENT,
+    BNB_8BIT_BLOCK,
+    BNB_8BIT_MIN_SIZE,
+    BNB_PAGED_MIN_NUMEL,
     FP32,
     compute_bytes_per_element,
     non_quantized_bytes_per_element,
     trainable_bytes_per_element,
 )
-
-BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes/optim/optimizer.py: Optimizer8bit min_8bit_size default
-BNB_8BIT_BLOCK = 256  # bitsandbytes/functional.py: blockwise optimizer states, 256 values per absmax
-BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes/optim/optimizer.py get_state_buffer: smaller states are not paged
 
 
 def quantized_linears(a: Arch) -> tuple[LinearSpec, ...]:
@@ -156,7 +156,6 @@ def optimizer_state_bytes(s: Scenario, *, device: str = "cpu") -> tuple[int, int
         return 0, 0
     tensors = trainable_tensors(s)
     if device == "cuda":
-        from . import cuda
 
         if opt == "adamw":
             return cuda.adamw_state_bytes(tensors, trainable_bytes_per_element(s)), 0
@@ -199,9 +198,8 @@ def optimizer_temporary_bytes(s: Scenario, *, device: str = "cpu") -> int:
     if s.training.optimizer != "adamw":
         return 0
     if device == "cuda":
-        from .cuda import adamw_temporary_bytes
 
-        return adamw_temporary_bytes(trainable_tensors(s), trainable_bytes_per_element(s))
+        return cuda.adamw_temporary_bytes(trainable_tensors(s), trainable_bytes_per_element(s))
     return 2 * max(trainable_tensors(s), default=0) * trainable_bytes_per_element(s)
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 from ..settings import BYTES_PER_ELEMENT, Scenario
 
 FP32 = 4
+BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes/optim/optimizer.py: Optimizer8bit min_8bit_size default
+BNB_8BIT_BLOCK = 256  # bitsandbytes/functional.py: blockwise optimizer states, 256 values per absmax
+BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes/optim/optimizer.py get_state_buffer: smaller states are not paged
 ADAPTER_BYTES_PER_ELEMENT = FP32  # peft autocast_adapter_dtype=True keeps fp16/bf16 adapters in fp32 (peft 0.21)
 CUDA_DROPOUT_MASK_BYTES_PER_ELEMENT = 1  # CUDA's fused native_dropout keeps a bool mask
 
