@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test gate baseline accuracy clean
+.PHONY: setup demo test lint gate baseline accuracy clean
 
 $(BIN)/peftprof: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
 
 # The project's own memory gate: shipped scenarios against the committed baseline of their estimates.
 gate: setup
