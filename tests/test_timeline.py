@@ -164,3 +164,20 @@ def test_tracked_peak_is_unchanged_by_attribution(variant):
     assert bare["measured"]["breakdown"] == rec["measured"]["breakdown"]
     assert all(t["module"] == "(optimizer state)" or t["category"] != "activations"
                or not t["module"].startswith("model.") for t in bare["measured"]["at_peak"]["top_tensors"])
+
+
+def test_tracking_a_quanto_model_leaves_no_module_hooks_behind(tmp_path):
+    """The tracker re-enters itself inside quanto's QTensor dispatch; its hooks are still removed once."""
+    from torch.nn.modules import module
+
+    from peftprof.run.runner import run_variant
+    from peftprof.scenario import load_scenarios
+    from tests.conftest import TINY_MODEL
+
+    path = tmp_path / "int4.toml"
+    path.write_text(TINY_MODEL.replace('weights = "fp32"', 'weights = "int4"\ncompute_dtype = "fp32"')
+                    + '[peft]\nmethod = "lora"\n[training]\nbatch_size = 1\nseq_len = 8\n[run]\ndevice = "cpu"\nsteps = 1\n')
+    (s,) = load_scenarios([path])
+    rec = run_variant(s, device="cpu")
+    assert rec["status"] == "ok", rec["error"]
+    assert not module._global_forward_hooks and not module._global_forward_pre_hooks

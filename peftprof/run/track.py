@@ -89,18 +89,24 @@ class MemoryTracker(TorchDispatchMode):
         self._root = None
         self._names: dict[int, str] = {}
         self._hooks: tuple = ()
+        self._depth = 0
 
     def __enter__(self):
-        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+        # re-entered from __torch_dispatch__ for wrapper subclasses: the hooks are installed once
+        if self._depth == 0:
+            from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-        self._hooks = (register_module_forward_pre_hook(self._enter_module),
-                       register_module_forward_hook(self._exit_module, always_call=True))
+            self._hooks = (register_module_forward_pre_hook(self._enter_module),
+                           register_module_forward_hook(self._exit_module, always_call=True))
+        self._depth += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for h in self._hooks:
-            h.remove()
-        self._hooks = ()
+        self._depth -= 1
+        if self._depth == 0:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = ()
         return super().__exit__(*exc)
 
     def _enter_module(self, module, args):
