@@ -4,12 +4,16 @@
 # the quickstart and the shipped QLoRA 7B scenario on CUDA with the real runner (allocator peaks per phase + NVML
 # sampler), the analytic CUDA estimate for the same variants, and the probe's overhead on CUDA
 # (benchmarks/overhead.py: a step with no probe against the same step with it), so the CUDA terms (context,
-# cuBLAS workspace, reserved) and the <= 3% overhead target can be checked against measurement.
+# cuBLAS workspace, reserved) and the <= 3% overhead target can be checked against measurement, and the caching
+# allocator's own record of the quickstart's first variant (torch.cuda.memory._record_memory_history from the
+# process's first CUDA allocation, _dump_snapshot) for the replay test of the allocator simulation
+# (tests/test_allocator.py test_recorded_snapshots_replay_exactly, peftprof/estimate/allocator_replay.py).
 # On the device tool's machine: prepare with benchmarks/gpu_wheels.sh here, then run with carry [".whl"].
-# Results ($OUT when set, the device tool's output folder, else benchmarks/results/gpu/), 7 files:
+# Results ($OUT when set, the device tool's output folder, else benchmarks/results/gpu/), 8 files:
 #   device.txt  preflight and nvidia-smi        log.txt        every part's stderr and progress
 #   quickstart.jsonl, qlora-7b.jsonl  runner records   estimates.json  analytic CUDA estimates (stdout only)
 #   overhead.txt  probe overhead                summary.md     the reporter's markdown of both runs
+#   snapshot-quickstart.pickle  torch memory snapshot (no stack frames) of one quickstart variant, in-process
 # PREFLIGHT_DEVICE=cpu runs the preflight's kernel part on CPU (a dry run of the script's Python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,21 +100,42 @@ part() {  # part NAME SECONDS COMMAND...: stdout and stderr to the log, a time l
   echo "== $name: exit $rc" >> "$log"
   [ $rc -eq 0 ] || status=1
 }
-# One failing part never loses the others. The time limits add up to 525 s, so with the preflight the whole
+# One failing part never loses the others. The time limits add up to 555 s, so with the preflight the whole
 # script stays inside the device tool's 600 s per command. The runs write to a scratch folder (the runner
 # leaves lock files beside its results) and only their .jsonl files are copied to $out.
 runs=$(mktemp -d)
 part quickstart 120 $PY -m peftprof.cli run scenarios/quickstart.toml --device cuda --out "$runs" --no-report \
   --quiet --force
-part qlora-7b 210 $PY -m peftprof.cli run scenarios/qlora-7b.toml --device cuda --out "$runs" --no-report --quiet \
+part qlora-7b 190 $PY -m peftprof.cli run scenarios/qlora-7b.toml --device cuda --out "$runs" --no-report --quiet \
   --force --steps 3
 cp "$runs"/*.jsonl "$out"/ 2>> "$log" || status=1
 echo "== estimates" >> "$log"
 timeout 45 $PY -m peftprof.cli estimate scenarios/quickstart.toml scenarios/qlora-7b.toml --device cuda \
   --format json > "$out/estimates.json" 2>> "$log" || status=1
 echo "== overhead" >> "$log"
-timeout 120 $PY benchmarks/overhead.py --device cuda > "$out/overhead.txt" 2>> "$log" || status=1
+timeout 110 $PY benchmarks/overhead.py --device cuda > "$out/overhead.txt" 2>> "$log" || status=1
 part summary 30 $PY -m peftprof.cli report "$out"/*.jsonl --format markdown -o "$out/summary.md"
+# The allocator's record of one variant in this process (history on before anything touches CUDA), then its replay
+# through the simulation: the segments and peak reserved must match exactly (the test suite replays it again).
+part snapshot 60 $PY - "$out/snapshot-quickstart.pickle" <<'EOF'
+import sys
+
+import torch
+
+torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None, stacks="python")
+from peftprof.estimate.allocator_replay import replay_snapshot  # noqa: E402
+from peftprof.run.runner import run_variant  # noqa: E402
+from peftprof.scenario import load_scenario  # noqa: E402
+
+variant = load_scenario("scenarios/quickstart.toml")[0]
+record = run_variant(variant, device="cuda")
+print(variant.name, record["status"], "max reserved", torch.cuda.max_memory_reserved())
+torch.cuda.memory._dump_snapshot(sys.argv[1])
+out = replay_snapshot(torch.cuda.memory._snapshot())
+print("replay match:", out["match"], "peak reserved recorded", out["recorded_peak_reserved_bytes"], "simulated",
+      out["simulated_peak_reserved_bytes"], "first difference", out["first_segment_difference"])
+sys.exit(0 if out["match"] else 1)
+EOF
 grep "^== " "$log"
 cat "$out/overhead.txt"
 echo "results in $out (status $status)"

@@ -250,7 +250,16 @@ def trace_peak(s: Scenario, snapshot_path=None) -> dict:
         with probe.tracking(registered):
             train_step(built, s, ids, probe, {})
         result = probe.result(optimizer_state(built.optimizer))
+    from .estimate.allocator_replay import tracker_stream
+    from .estimate.widths import BNB_PAGED_MIN_NUMEL
     from .timeline import explain
+
+    paged_dtype = (torch.uint8 if s.training.optimizer.endswith("8bit") else torch.float32) \
+        if s.training.optimizer.startswith("paged") else None
+
+    def paged(a) -> bool:  # bitsandbytes get_state_buffer pages state1/state2 of >= 1e5 values (CUDA unified memory)
+        return (a.category == "optimizer" and a.dtype == paged_dtype and a.shape is not None
+                and math.prod(a.shape) >= BNB_PAGED_MIN_NUMEL)
 
     if snapshot_path is not None:
         from .snapshot import write_snapshot
@@ -258,7 +267,7 @@ def trace_peak(s: Scenario, snapshot_path=None) -> dict:
         write_snapshot(probe.tracker, snapshot_path)
     return {"peak_bytes": result.peak_bytes, "peak_phase": result.peak_phase, "breakdown": result.breakdown,
             "phase_peaks": result.phase_peaks, "wrapped_bytes": model_bytes(model, built.quant_tensors),
-            **explain(probe.tracker)}
+            "alloc_stream": tracker_stream(probe.tracker, paged), **explain(probe.tracker)}
 
 
 def source_fingerprint(root: Path) -> str:
@@ -329,7 +338,29 @@ def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = 
                **{k: traced[k] for k in ("timeline", "at_peak") if k in traced})
     if device == "cuda":
         out.update(cuda_reserved_and_device_bytes(peak))
+        if "alloc_stream" in traced:  # the caching allocator simulated on the traced alloc/free order
+            out.update(_simulated_cuda_terms(s, traced["alloc_stream"], gpu))
     if gpu is not None:
         need = out.get("device_bytes", peak)
-        out.update(fits=need <= gpu.memory_bytes, headroom_bytes=gpu.memory_bytes - need)
+        out.update(fits=need <= gpu.memory_bytes and not out.get("allocator_oom", False),
+                   headroom_bytes=gpu.memory_bytes - need)
     return out
+
+
+def _simulated_cuda_terms(s: Scenario, stream: dict, gpu: Gpu | None) -> dict:
+    """estimate/allocator.py on the step's events: peak reserved, fragmentation, segments, and whether the
+    allocator would run out of memory on `gpu` (whose memory less the CUDA context is what it can obtain)."""
+    from .estimate.alloc_conf import AllocConfError
+    from .estimate.allocator_replay import simulate_trace
+    from .estimate.cuda import CUDA_CONTEXT_BYTES, CUDA_CUBLAS_WORKSPACE_BYTES
+
+    conf = getattr(s.run, "cuda_alloc_conf", None) or None
+    try:
+        sim = simulate_trace(stream, conf=conf, workspace_bytes=CUDA_CUBLAS_WORKSPACE_BYTES,
+                             capacity_bytes=None if gpu is None else gpu.memory_bytes - CUDA_CONTEXT_BYTES,
+                             total_memory_bytes=None if gpu is None else gpu.memory_bytes)
+    except AllocConfError as e:
+        raise UserError(f"{s.name}: [run] cuda_alloc_conf: {e}") from None
+    return {"reserved_bytes": sim.peak_reserved_bytes, "device_bytes": sim.peak_reserved_bytes + CUDA_CONTEXT_BYTES,
+            "fragmentation_bytes": sim.fragmentation_bytes, "n_segments": sim.n_segments,
+            "allocator_oom": sim.oom is not None}

@@ -120,3 +120,39 @@ def test_bnb_init_state_on_cuda_pages_only_state1_and_state2(monkeypatch, optimi
     device = sum(cuda.block_bytes(n) for n in storages.values())
     expected = cuda.bnb_state_bytes(sizes, eight_bit=optimizer.endswith("8bit"), paged=optimizer.startswith("Paged"))
     assert (device, sum(t.nbytes for t in paged)) == expected
+
+
+def test_analytic_reserved_uses_the_fitted_ratio():
+    # round_up(100 MiB x 1.113, 2 MiB) = 112 MiB; nvidia-smi adds the CUDA context
+    assert cuda.cuda_reserved_and_device_bytes(100 * cuda.MIB) == {
+        "reserved_bytes": 112 * cuda.MIB, "device_bytes": 112 * cuda.MIB + cuda.CUDA_CONTEXT_BYTES}
+
+
+def test_fitted_ratio_is_the_one_the_fitting_script_wrote():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "allocator_ratio.md").read_text()
+    assert float(re.search(r"\*\*ratio ([0-9.]+)\*\*", text).group(1)) == cuda.CUDA_RESERVED_FACTOR
+
+
+def test_trace_estimate_on_cuda_simulates_the_allocator(write_scenario):
+    from peftprof.catalog import Gpu
+    from peftprof.trace import trace_estimate
+
+    s = lora(write_scenario, "adamw")
+    out = trace_estimate(s, device="cuda")
+    # tiny model: its allocations fill small 2 MiB and large 20 MiB segments, reserved well above the tensors
+    assert out["reserved_bytes"] > out["peak_bytes"] and out["n_segments"] >= 2
+    assert 0 <= out["fragmentation_bytes"] < out["reserved_bytes"]
+    assert out["device_bytes"] == out["reserved_bytes"] + cuda.CUDA_CONTEXT_BYTES
+    assert out["allocator_oom"] is False
+    # a GPU with room for half the step past the context: the simulated allocator fails (with the cache freed)
+    tight = Gpu(name="tight", memory_bytes=cuda.CUDA_CONTEXT_BYTES + out["peak_bytes"] // 2,
+                bf16_tflops=1.0, bandwidth_bytes_per_s=1e9, bf16=True)
+    out = trace_estimate(s, device="cuda", gpu=tight)
+    assert out["allocator_oom"] is True and out["fits"] is False
+    roomy = Gpu(name="roomy", memory_bytes=cuda.CUDA_CONTEXT_BYTES + 2 * out["reserved_bytes"], bf16_tflops=1.0,
+                bandwidth_bytes_per_s=1e9, bf16=True)
+    out = trace_estimate(s, device="cuda", gpu=roomy)
+    assert out["allocator_oom"] is False and out["fits"] is True

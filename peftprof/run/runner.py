@@ -252,6 +252,13 @@ def _register_pickling() -> None:
 def _child_main(conn, target, s: Scenario, kwargs: dict) -> None:
     """In the child: run one variant, send progress messages and then the record (JSON) to the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    conf = getattr(s.run, "cuda_alloc_conf", None)
+    if conf and kwargs.get("device") == "cuda":
+        # read once, when the caching allocator is first used (CUDAAllocatorConfig::instance, a function-local
+        # static); nothing in this fresh process has allocated on CUDA yet
+        import os
+
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
     try:
         rec = target(s, progress=lambda msg: conn.send(("progress", msg)), **kwargs)
         conn.send(("record", json.dumps(rec, default=str)))
