@@ -103,7 +103,9 @@ def presets(fmt):
     for name, cfg in model_presets().items():
         fields = {k: v for k, v in cfg.items() if k != "model_type"}
         a = build_arch(resolve_keys(cfg["model_type"], fields))
-        models.append({"name": name, "model_type": a.model_type, "n_params": a.n_params, "hidden_size": a.hidden_size,
+        models.append({"name": name, "model_type": a.model_type, "n_params": a.n_params,
+                       "n_active_params": a.n_active_params, "n_experts": a.n_experts,
+                       "experts_per_token": a.experts_per_token, "hidden_size": a.hidden_size,
                        "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
                        "vocab_size": a.vocab_size, "max_positions": a.max_positions})
     gpu_rows = [{"name": g.name, "memory_gib": g.memory_bytes / GIB, "bf16_tflops": g.bf16_tflops,
@@ -113,9 +115,12 @@ def presets(fmt):
         return
     from .textfmt import table
 
-    click.echo(table(["model", "type", "params", "hidden", "layers", "heads", "kv heads", "vocab", "max pos"],
-                     [[m["name"], m["model_type"], f"{m['n_params']:,}", m["hidden_size"], m["n_layers"],
-                       m["n_heads"], m["n_kv_heads"], m["vocab_size"], m["max_positions"]] for m in models]))
+    click.echo(table(["model", "type", "params", "active params", "experts", "hidden", "layers", "heads", "kv heads",
+                      "vocab", "max pos"],
+                     [[m["name"], m["model_type"], f"{m['n_params']:,}", f"{m['n_active_params']:,}",
+                       f"{m['experts_per_token']} of {m['n_experts']}" if m["n_experts"] else "-", m["hidden_size"],
+                       m["n_layers"], m["n_heads"], m["n_kv_heads"], m["vocab_size"], m["max_positions"]]
+                      for m in models]))
     click.echo()
     click.echo(table(["gpu", "memory GiB", "bf16 TFLOP/s", "bandwidth GB/s"],
                      [[g["name"], f"{g['memory_gib']:g}", f"{g['bf16_tflops']:g}", f"{g['bandwidth_gbps']:g}"]
@@ -349,42 +354,16 @@ def run(scenarios, device, out_dir, steps, force, max_memory, no_report, quiet, 
     Example:
       peftprof run scenarios/quickstart.toml --device cpu
     """
-    from .run.session import interrupt_exit_code, signals_as_interrupts
+    from .run.session import interrupt_exit_code, run_all, signals_as_interrupts
+    from .textfmt import parse_size
 
     signum = None
     try:  # Ctrl-C or SIGTERM anywhere, a second one included: the finished variants are saved; exit 130 / 143
         with signals_as_interrupts():
-            from .textfmt import parse_size
-
             cap = None if max_memory is None else _parsed("--max-memory", parse_size, max_memory)
-            variants = _load(scenarios)
-            from .run.runner import resolve_device
-            from .run.session import check_outputs, run_scenarios
-
-            by_device: dict[str, list] = {}
-            for v in variants:
-                by_device.setdefault(device or v.run.device, []).append(v)
-            problems, resolved = [], {}
-            for dev, group in by_device.items():
-                try:
-                    resolved[dev] = resolve_device(dev)
-                except RuntimeError as e:
-                    problems += [f"--device: {e}"] if device else [
-                        f'{src}: [run] device: "{dev}": torch sees no CUDA device (allowed on this machine: auto, cpu)'
-                        for src in dict.fromkeys(v.source for v in group)]
-            problems += check_outputs(variants, out_dir)
-            if problems:
-                raise UserError(problems)
-            records, files, failures = [], [], []
-            for dev, group in by_device.items():
-                outcome = run_scenarios(group, out_dir=out_dir, device=resolved[dev], steps=steps, force=force,
-                                        max_memory=cap, progress=not quiet, isolate=isolate)
-                records += outcome.records
-                files += outcome.files
-                failures += outcome.problems
-                signum = outcome.signum
-                if signum or failures:
-                    break
+            outcome = run_all(_load(scenarios), device=device, out_dir=out_dir, steps=steps, force=force,
+                              max_memory=cap, progress=not quiet, isolate=isolate)
+            records, files, failures, signum = outcome.records, outcome.files, outcome.problems, outcome.signum
             click.echo(run_summary(records))
             for f in dict.fromkeys(files):  # only files that exist
                 click.echo(f"results: {f}")

@@ -286,3 +286,38 @@ def run_scenarios(variants: list[Scenario], *, out_dir: str | Path, device: str,
         bar.close()
     return Outcome(records, [p for p in by_file if p.exists()], signum is not None, signum=signum,
                    problems=failures)
+
+
+def run_all(variants: list[Scenario], *, device: str | None, out_dir: str | Path, steps: int | None = None,
+            force: bool = False, max_memory: int | None = None, progress: bool = True,
+            isolate: bool | None = None) -> Outcome:
+    """`peftprof run`: group the variants by device (`device` overrides each scenario's run.device), check
+    every device and the outputs before training anything (all problems at once, UserError), then run the
+    groups until one is interrupted or a results write fails."""
+    from .runner import resolve_device
+
+    by_device: dict[str, list[Scenario]] = {}
+    for v in variants:
+        by_device.setdefault(device or v.run.device, []).append(v)
+    problems, resolved = [], {}
+    for dev, group in by_device.items():
+        try:
+            resolved[dev] = resolve_device(dev)
+        except RuntimeError as e:
+            problems += [f"--device: {e}"] if device else [
+                f'{src}: [run] device: "{dev}": torch sees no CUDA device (allowed on this machine: auto, cpu)'
+                for src in dict.fromkeys(v.source for v in group)]
+    problems += check_outputs(variants, out_dir)
+    if problems:
+        raise UserError(problems)
+    records, files, failures, signum = [], [], [], None
+    for dev, group in by_device.items():
+        outcome = run_scenarios(group, out_dir=out_dir, device=resolved[dev], steps=steps, force=force,
+                                max_memory=max_memory, progress=progress, isolate=isolate)
+        records += outcome.records
+        files += outcome.files
+        failures += outcome.problems
+        signum = outcome.signum
+        if signum or failures:
+            break
+    return Outcome(records, list(dict.fromkeys(files)), signum is not None, signum=signum, problems=failures)
