@@ -1,9 +1,10 @@
 """Accuracy and speed benchmark: analytic and trace estimates against CPU measurements of real training.
 
-    .venv/bin/python benchmarks/accuracy.py [--n 60] [--seed 0] [--no-run] [--speed-only] [--out benchmarks/results]
+    .venv/bin/python benchmarks/accuracy.py [--n 80] [--seed 0] [--no-run] [--speed-only] [--out benchmarks/results]
 
 Generates scenarios from a seed (architectures shaped like llama MHA/GQA, mistral, qwen2, gpt2, opt; every
-PEFT method, precision, checkpointing policy, attention and optimizer), trains each for real on CPU with
+PEFT method, precision, checkpointing policy, attention and optimizer; from the 61st on, under bf16 or fp16
+autocast), trains each for real on CPU with
 the runner, and compares the analytic and trace estimates with the measured tensor-level peak, in total
 and per category; lists published GPU figures beside the analytic CUDA estimate (published.py).
 Writes accuracy.md (tables), accuracy.jsonl (runner records with both estimates) and
@@ -61,48 +62,80 @@ def _arch(rng: random.Random) -> tuple[str, str, int]:
     return text, family, params, layers
 
 
+N_PLAIN = 60  # the first 60 scenarios of a seed: no autocast (the benchmark before issue #13, unchanged)
+AUTOCAST_WEIGHTS = ("fp32", "bf16", "nf4", "int8", "fp4")  # int4 (quanto) under autocast is not profiled here
+AUTOCAST_METHODS = ("lora", "lora", "full", "ia3", "prompt_tuning", "prefix_tuning")
+
+
 def generate(n: int, seed: int) -> list[tuple[str, str]]:
-    """n (name, TOML text) scenarios that run on CPU, reproducible from the seed."""
+    """n (name, TOML text) scenarios that run on CPU, reproducible from the seed. The first N_PLAIN run without
+    autocast (as before issue #13, so earlier results stay comparable); the rest run under bf16 or fp16 autocast
+    (issue #13), drawn from their own random stream, cycling methods and precisions so that any 20 of them
+    cover every method, precision, checkpointing policy and optimizer."""
     rng = random.Random(seed)
-    out = []
+    out: list[tuple[str, str]] = []
+    while len(out) < min(n, N_PLAIN):
+        made = _scenario(rng, len(out))
+        if made:
+            out.append(made)
+    amp_rng = random.Random(seed + 1_000_003)
     while len(out) < n:
-        model, family, params, layers = _arch(rng)
+        made = _scenario(amp_rng, len(out), amp_index=len(out) - N_PLAIN)
+        if made:
+            out.append(made)
+    return out
+
+
+def _scenario(rng: random.Random, index: int, amp_index: int | None = None) -> tuple[str, str] | None:
+    """One generated scenario (None: the draw does not fit the CPU budget; draw again). With `amp_index`, an
+    autocast scenario: method and weights cycle (AUTOCAST_METHODS, AUTOCAST_WEIGHTS), the rest is drawn."""
+    model, family, params, layers = _arch(rng)
+    if amp_index is None:
         method = rng.choice(["lora", "lora", "ia3", "prompt_tuning", "prefix_tuning", "full"])
         weights = rng.choice(["fp32", "bf16"]) if method == "full" else rng.choice(
             ["fp32", "bf16", "int8", "int4", "fp4", "nf4"])
-        policy = "none" if method == "prefix_tuning" else rng.choice(["none", "full", "every_2"])
-        if policy == "every_2" and layers < 2:
-            policy = "full"
-        batch, seq = rng.choice([1, 2, 4, 8]), rng.choice([16, 32, 64, 128, 256, 512, 1024])
-        while batch * seq > 2048 or batch * seq * params > MAX_TOKEN_PARAMS:
-            if batch > 1:
-                batch //= 2
-            else:
-                seq //= 2
-        if seq < 16:
-            continue
-        lines = [f"[model]\n{model}", "[precision]", f'weights = "{weights}"']
-        if weights not in ("fp32", "bf16"):
-            lines.append(f'compute_dtype = "{rng.choice(["fp32", "bf16"])}"')
-        if weights in ("fp4", "nf4"):
-            lines.append(f"double_quant = {str(rng.random() < 0.5).lower()}")
-        lines += ["[peft]", f'method = "{method}"']
-        if method == "lora":
-            lines += [f"r = {rng.choice([1, 2, 4, 8, 16, 32, 64, 128])}", f"alpha = {rng.choice([8, 16, 32])}",
-                      f"dropout = {rng.choice([0.0, 0.0, 0.05, 0.1])}"]
-            if rng.random() < 0.5:
-                lines.append('target_modules = "all-linear"')
-        if method in ("prompt_tuning", "prefix_tuning"):
-            lines.append(f"num_virtual_tokens = {rng.choice([5, 10, 20])}")
-            if method == "prompt_tuning" and seq + 20 > 1024:
-                seq = 512
-        lines += ["[training]", f"batch_size = {batch}", f"seq_len = {seq}",
-                  f'optimizer = "{rng.choice(["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"])}"',
-                  f'gradient_checkpointing = "{policy}"', f'attention = "{rng.choice(["sdpa", "eager"])}"',
-                  "[run]", 'device = "cpu"', "steps = 1", "warmup_steps = 1"]
-        name = f"acc{len(out):03d}-{family}-{method}-{weights}"
-        out.append((name, f'name = "{name}"\n' + "\n".join(lines) + "\n"))
-    return out
+    else:
+        method = AUTOCAST_METHODS[amp_index % len(AUTOCAST_METHODS)]
+        weights = AUTOCAST_WEIGHTS[amp_index % len(AUTOCAST_WEIGHTS)]
+        if method == "full" and weights not in ("fp32", "bf16"):
+            weights = "fp32" if amp_index % 2 else "bf16"
+    policy = "none" if method == "prefix_tuning" else rng.choice(["none", "full", "every_2"])
+    if policy == "every_2" and layers < 2:
+        policy = "full"
+    batch, seq = rng.choice([1, 2, 4, 8]), rng.choice([16, 32, 64, 128, 256, 512, 1024])
+    while batch * seq > 2048 or batch * seq * params > MAX_TOKEN_PARAMS:
+        if batch > 1:
+            batch //= 2
+        else:
+            seq //= 2
+    if seq < 16:
+        return None
+    lines = [f"[model]\n{model}", "[precision]", f'weights = "{weights}"']
+    if weights not in ("fp32", "bf16"):
+        lines.append(f'compute_dtype = "{rng.choice(["fp32", "bf16"])}"')
+    if weights in ("fp4", "nf4"):
+        lines.append(f"double_quant = {str(rng.random() < 0.5).lower()}")
+    if amp_index is not None:
+        # bf16 weights with prompt/prefix tuning: autocast must match them (scenario.py _check_autocast)
+        autocast = "bf16" if weights == "bf16" and method.endswith("_tuning") else rng.choice(["bf16", "bf16", "fp16"])
+        lines.append(f'autocast = "{autocast}"')
+    lines += ["[peft]", f'method = "{method}"']
+    if method == "lora":
+        lines += [f"r = {rng.choice([1, 2, 4, 8, 16, 32, 64, 128])}", f"alpha = {rng.choice([8, 16, 32])}",
+                  f"dropout = {rng.choice([0.0, 0.0, 0.05, 0.1])}"]
+        if rng.random() < 0.5:
+            lines.append('target_modules = "all-linear"')
+    if method in ("prompt_tuning", "prefix_tuning"):
+        lines.append(f"num_virtual_tokens = {rng.choice([5, 10, 20])}")
+        if method == "prompt_tuning" and seq + 20 > 1024:
+            seq = 512
+    lines += ["[training]", f"batch_size = {batch}", f"seq_len = {seq}",
+              f'optimizer = "{rng.choice(["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"])}"',
+              f'gradient_checkpointing = "{policy}"', f'attention = "{rng.choice(["sdpa", "eager"])}"',
+              "[run]", 'device = "cpu"', "steps = 1", "warmup_steps = 1"]
+    amp = "" if amp_index is None else "-amp"
+    name = f"acc{index:03d}-{family}-{method}-{weights}{amp}"
+    return name, f'name = "{name}"\n' + "\n".join(lines) + "\n"
 
 
 def load(name: str, text: str, tmp: Path):
@@ -181,7 +214,7 @@ def rewrite_speed(path: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--n", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-run", action="store_true", help="analytic against trace only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -223,7 +256,8 @@ def main() -> int:
         else:
             rec = run_variant(s, device="cpu")
             measured = rec["measured"] if rec["status"] == "ok" else None
-        row = {"variant": name, "method": s.peft.method, "weights": s.precision.weights, "status": rec["status"] if rec
+        row = {"variant": name, "method": s.peft.method, "weights": s.precision.weights,
+               "autocast": s.precision.autocast, "status": rec["status"] if rec
                else "traced", "analytic": analytic["peak_bytes"], "measured": measured and measured["peak_bytes"],
                "trace": traced and traced["peak_bytes"]}
         if measured:
@@ -234,7 +268,9 @@ def main() -> int:
                 for c in _categories()}
         rows.append(row)
         if rec is not None:
-            rec["trace_estimate"] = traced
+            # the measured record has its own timeline; the allocator stream is input to the CUDA simulation
+            rec["trace_estimate"] = None if traced is None else {
+                k: v for k, v in traced.items() if k not in ("alloc_stream", "timeline", "at_peak")}
             records.append(rec)
         print(f"[{i + 1}/{args.n}] {name}: analytic {row.get('analytic_err', 0) * 100:+.2f}%"
               + ("" if row.get("trace_err") is None else f", trace {row['trace_err'] * 100:+.3f}%"), file=sys.stderr)
@@ -252,7 +288,7 @@ def main() -> int:
              f"| trace peak | {summarise([r['trace_err'] for r in ok if r.get('trace_err') is not None])} |"]
     for c in _categories():
         lines.append(f"| analytic {c} | {summarise([r['category_err'][c] for r in ok])} |")
-    for key in ("method", "weights"):
+    for key in ("method", "weights", "autocast"):
         lines += ["", f"By {key} (analytic peak):", "", f"| {key} | n | median | p90 | max |",
                   "|---|---:|---:|---:|---:|"]
         for value in sorted({r[key] for r in ok}):

@@ -21,6 +21,7 @@ from .catalog import model_presets
 from .errors import Problem, UserError, clean, show
 from .settings import (
     ATTENTIONS,
+    AUTOCAST_KINDS,
     BNB_4BIT_KINDS,
     COMPUTE_DTYPES,
     DEVICES,
@@ -88,6 +89,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "double_quant": Key("bool"),
         "compute_dtype": Key("choice", choices=COMPUTE_DTYPES),
         "quant_block_size": Key("choice", choices=(32, 64, 128, 256, 512, 1024, 2048, 4096)),
+        "autocast": Key("choice", choices=AUTOCAST_KINDS),
     },
     "peft": {
         "method": Key("choice", choices=METHODS),
@@ -373,6 +375,7 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
     if weights in FOUR_BIT_KINDS + ("int8",) and method == "full":
         c.add("peft", "method", f"full fine-tuning cannot train {weights} quantized weights",
               ", ".join(m for m in METHODS if m != "full"))
+    _check_autocast(c, prec.get("autocast", "none"), weights, method)
 
     if model is not None:
         a = model.arch
@@ -401,6 +404,22 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
     return Scenario(name=variant_name, scenario=name, description=str(raw.get("description", "")),
                     source=c.file, model=model, precision=PrecisionSettings(**prec), peft=PeftSettings(**peft),
                     training=TrainingSettings(**train), run=RunSettings(**run), overrides=overrides)
+
+
+def _check_autocast(c: _Collector, autocast: str, weights: str, method: str) -> None:
+    """Combinations the libraries refuse under autocast (measured, torch 2.13): fp16 autocast's loss scaler
+    cannot unscale fp16 gradients (torch/amp/grad_scaler.py _unscale_grads_: "Attempting to unscale FP16
+    gradients"), which full fine-tuning of fp16 weights makes; peft's virtual tokens are concatenated with
+    the model's embeddings or keys/values, and autocast's cat (aten/src/ATen/autocast_mode.h prioritize)
+    refuses bf16 beside fp16 ("Unexpected floating ScalarType")."""
+    if autocast == "fp16" and weights == "fp16" and method == "full":
+        c.add("precision", "autocast", "fp16 autocast scales the loss with torch.amp.GradScaler, which refuses "
+              "to unscale the fp16 gradients of fully fine-tuned fp16 weights", "none | bf16")
+    half = ("fp16", "bf16")
+    if method in ("prompt_tuning", "prefix_tuning") and autocast in half and weights in half and weights != autocast:
+        c.add("precision", "autocast", f"{autocast} autocast of {weights} weights with {method}: torch's autocast "
+              f"refuses to concatenate peft's virtual tokens in {weights} with {autocast} tensors",
+              f"none | {weights}")
 
 
 def _check_positions(c: _Collector, max_positions: int, seq: int, virtual: int | None) -> None:

@@ -14,6 +14,7 @@ FLOAT_KINDS = ("fp32", "fp16", "bf16")
 FOUR_BIT_KINDS = ("int4", "fp4", "nf4")
 BNB_4BIT_KINDS = ("fp4", "nf4")  # bitsandbytes Linear4bit quant_type
 COMPUTE_DTYPES = FLOAT_KINDS
+AUTOCAST_KINDS = ("none", "bf16", "fp16")  # torch.autocast dtype of the forward and loss; "none": no autocast
 METHODS = ("full", "lora", "ia3", "prompt_tuning", "prefix_tuning")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
 ATTENTIONS = ("sdpa", "eager")
@@ -59,6 +60,7 @@ class PrecisionSettings:
     double_quant: bool = False
     compute_dtype: str = "bf16"
     quant_block_size: int = 64
+    autocast: str = "none"
 
     @property
     def is_quantized(self) -> bool:
@@ -169,6 +171,8 @@ class Scenario:
         d = self.to_dict()
         for k in ("description", "source", "not_applicable"):
             d.pop(k)
+        if d["precision"]["autocast"] == "none":  # the default: keys of results measured before the setting existed
+            d["precision"].pop("autocast")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -60,3 +60,17 @@ def test_analytic_error_on_ten_generated_scenarios(tmp_path):
     assert len({s.peft.method for s in small}) >= 3  # the subset is not one method only
     assert statistics.median(abs(e) for e in errors.values()) <= MEDIAN_TARGET, errors
     assert max(abs(e) for e in errors.values()) <= MAX_TARGET, errors
+
+
+def test_benchmark_runs_twenty_autocast_scenarios_across_the_axes(tmp_path):
+    """Issue #13: the last 20 of the 80 scenarios run under autocast and cover every method, the precisions,
+    checkpointing policies and optimizers; the first 60 are the benchmark as it was (no autocast)."""
+    scenarios = [load(name, text, tmp_path) for name, text in generate(80, seed=0)]
+    plain, amp = scenarios[:60], scenarios[60:]
+    assert {s.precision.autocast for s in plain} == {"none"}
+    assert len(amp) == 20 and {s.precision.autocast for s in amp} == {"bf16", "fp16"}
+    assert {s.peft.method for s in amp} == {"full", "lora", "ia3", "prompt_tuning", "prefix_tuning"}
+    assert {s.precision.weights for s in amp} == {"fp32", "bf16", "nf4", "int8", "fp4"}
+    assert {s.training.gradient_checkpointing for s in amp} == {"none", "full", "every_2"}
+    assert {s.training.optimizer for s in amp} == {"adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"}
+    assert [name for name, _ in generate(60, seed=0)] == [s.name for s in plain]

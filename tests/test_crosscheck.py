@@ -22,6 +22,10 @@ The issue #12 lead (MemTracker 1,478,400 B above the runner on a checkpointed fp
 MemTracker artifact, not a missed allocation: see `test_stock_memtracker_leaks_the_checkpoint_input_leaf`
 and CycleFreeModTracker in memtracker_reference.py. The same scenario is `lead-llama-gqa-lora-ckpt` below
 and agrees to the byte once that artifact is removed.
+
+Issue #13 added four mixed-precision scenarios (`amp-*`: fp16 autocast with torch.amp.GradScaler on fp32 full
+fine-tuning, bf16 autocast on bf16 LoRA with every_2/eager, the QLoRA recipe, bf16 autocast on fp32 gpt2 IA3):
+measured at writing, all four equal to the byte in the peak and in every group.
 """
 
 import gc
@@ -104,6 +108,22 @@ SCENARIOS = {
         'vocab_size = 900\nmax_position_embeddings = 256',
         'weights = "fp32"', 'method = "lora"\nr = 4\ntarget_modules = "all-linear"',
         'batch_size = 2\nseq_len = 16\ngradient_checkpointing = "every_2"'),
+    # issue #13, mixed precision: the forward and loss under torch.autocast, backward outside it
+    "amp-full-fp32-fp16-gradscaler": (  # the classic AMP setup: fp32 weights, fp16 autocast, loss scaling
+        LLAMA.format(h=64, layers=2, inter=160), 'weights = "fp32"\nautocast = "fp16"', 'method = "full"',
+        'batch_size = 2\nseq_len = 32'),
+    "amp-lora-bf16-bf16-every2-eager": (
+        LLAMA.format(h=64, layers=3, inter=160), 'weights = "bf16"\nautocast = "bf16"',
+        'method = "lora"\nr = 8\ndropout = 0.1\ntarget_modules = "all-linear"',
+        'batch_size = 2\nseq_len = 24\ngradient_checkpointing = "every_2"\nattention = "eager"'),
+    "amp-qlora-recipe": (  # NF4 + double quant + bf16 compute + autocast + checkpointing + paged 8-bit AdamW
+        LLAMA.format(h=128, layers=2, inter=320),
+        'weights = "nf4"\ndouble_quant = true\ncompute_dtype = "bf16"\nautocast = "bf16"',
+        'method = "lora"\nr = 8\ntarget_modules = "all-linear"',
+        'batch_size = 2\nseq_len = 32\ngradient_checkpointing = "full"\noptimizer = "paged_adamw_8bit"'),
+    "amp-ia3-fp32-bf16-gpt2-sgd": (
+        'model_type = "gpt2"\nn_embd = 64\nn_layer = 2\nn_head = 4\nvocab_size = 1100\nn_positions = 256',
+        'weights = "fp32"\nautocast = "bf16"', 'method = "ia3"', 'batch_size = 2\nseq_len = 24\noptimizer = "sgd"'),
 }
 
 
@@ -159,6 +179,15 @@ def test_scenarios_cover_methods_precisions_policies_optimizers_and_attention(co
     assert {"adamw", "adamw_8bit", "sgd"} <= seen["optimizer"]
     assert seen["attention"] == {"sdpa", "eager"}
     assert {"backward", "optimizer"} <= seen["phase"]  # the groups are checked at peaks of both kinds
+
+
+def test_autocast_scenarios_cover_both_dtypes_methods_and_loss_scaling(compared):
+    """Issue #13: at least 3 autocast scenarios, bf16 and fp16 (the latter with torch.amp.GradScaler)."""
+    amp = [s for s, _, _ in compared.values() if s.precision.autocast != "none"]
+    assert len(amp) >= 3
+    assert {s.precision.autocast for s in amp} == {"bf16", "fp16"}
+    assert {"full", "lora", "ia3"} <= {s.peft.method for s in amp}
+    assert {"fp32", "bf16", "nf4"} <= {s.precision.weights for s in amp}
 
 
 def _live_tensors_shaped(shape) -> int:

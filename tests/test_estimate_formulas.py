@@ -176,3 +176,127 @@ def test_estimate_json_shape():
     assert e["method"] == "analytic" and e["device"] == "cuda" and e["n_params"] == 6_738_415_616
     csv = CliRunner().invoke(cli, ["estimate", str(ROOT / "scenarios" / "qlora-7b.toml"), "--format", "csv"]).output
     assert csv.splitlines()[0].startswith("variant,peak GiB,weights,quant_constants")
+
+
+# --- issue #13: autocast dtype rules (peftprof/estimate/autocast.py) -------------------------------------------
+
+AMP_LLAMA = '''[model]
+model_type = "llama"
+hidden_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+intermediate_size = 160
+vocab_size = 1000
+[precision]
+weights = "fp32"
+autocast = "bf16"
+[peft]
+r = 8
+target_modules = ["q_proj", "v_proj"]
+[training]
+batch_size = 2
+seq_len = 32
+[run]
+device = "cpu"
+'''
+
+
+def _saved_by_layer(s) -> dict[int, int]:
+    """Measured: bytes of the distinct storages (not parameters) autograd saves inside each decoder layer during
+    the step's autocast forward (torch.autograd.graph.saved_tensors_hooks), by the layer running at the time."""
+    import torch
+
+    from peftprof.run.build import build
+    from peftprof.run.step import autocast_context, synthetic_batch
+
+    built = build(s, "cpu")
+    built.model.train()
+    layers = list(built.model.base_model.model.model.layers)
+    current, seen = [], {}
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: current.append(i))
+        layer.register_forward_hook(lambda m, a, o: (current.pop(), None)[1])
+    params = {p.untyped_storage().data_ptr() for p in built.model.parameters()}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if current and st.data_ptr() not in params:
+            seen.setdefault(st.data_ptr(), (current[-1], st.nbytes()))
+        return t
+
+    ids = synthetic_batch(s, "cpu", torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(s, "cpu"):
+        built.model(input_ids=ids, labels=ids)
+    out: dict[int, int] = {}
+    for layer, nbytes in seen.values():
+        out[layer] = out.get(layer, 0) + nbytes
+    return out
+
+
+def test_autocast_layer_saves_by_hand_and_measured(write_scenario):
+    (s,) = load_scenario(write_scenario(AMP_LLAMA))
+    # llama h=64, 4 heads x 16 (q 64, k/v 32 wide), intermediate 160, T = 2 x 32 = 64 tokens, fp32 weights under
+    # bf16 autocast (2 B), LoRA r=8 on q, v:
+    #   2 RMSNorms (fp32 input 4*T*64 + rsqrt 4*T)                                 2 x 16,640 = 33,280
+    #   frozen weights' bf16 casts saved by their mm: q 64x64, k, v 64x32, o 64x64, gate, up, down 64x160
+    #     2 * (4,096 + 2,048 + 2,048 + 4,096 + 3 x 10,240)                                     = 86,016
+    #   LoRA q: lora_A's bf16 input 2*T*64 + A output 2*T*8 + cached A/B casts 2*8*(64+64) = 8,192 + 1,024 + 2,048
+    #   LoRA v: 8,192 + 1,024 + 2*8*(64+32) = 1,536                                                = 22,016
+    #   SDPA in bf16: q 2*T*64, k, v 2*T*32, output 2*T*64, fp32 logsumexp 4*2*4*32      = 24,576 + 1,024
+    #   MLP in bf16: SiLU input, act*up's two factors 3 x 2*T*160                                  = 61,440
+    # total 228,352
+    assert act.activation_bytes_per_layer(s) == 228_352
+    measured = _saved_by_layer(s)
+    assert measured[1] == 228_352
+    # layer 0: its input needs no gradient (no checkpointing), so q, k and v save no weight cast:
+    # 2 * 64 * (64 + 32 + 32) = 16,384 fewer. Measured, layer 0 also lacks its first norm's 16,640 and lora_A's
+    # weight casts 2 x 2*8*64 (no gradient reaches them; the estimate keeps the norm's, as without autocast) and
+    # holds the rotary cos/sin, 2 x 4*32*16 (1 x 32 x 16 fp32, broadcast over the batch, first saved here)
+    assert act.first_layer_unsaved_bytes(s) == 16_384
+    assert measured[0] == 228_352 - 16_384 - 16_640 - 2 * 2 * 8 * 64 + 2 * 4 * 32 * 16
+
+
+def test_autocast_logits_and_lm_head_by_hand(write_scenario):
+    base = AMP_LLAMA.replace('seq_len = 32', 'seq_len = 16')
+    (fp32,) = load_scenario(write_scenario(base, name="a.toml"))
+    (bf16,) = load_scenario(write_scenario(base.replace('weights = "fp32"', 'weights = "bf16"'), name="b.toml"))
+    (mixed,) = load_scenario(write_scenario(base.replace('weights = "fp32"', 'weights = "bf16"')
+                                            .replace('autocast = "bf16"', 'autocast = "fp16"'), name="c.toml"))
+    (plain,) = load_scenario(write_scenario(base.replace('weights = "fp32"', 'weights = "bf16"')
+                                            .replace('autocast = "bf16"\n', ''), name="d.toml"))
+    n = 2 * 16 * 1000  # T x vocab
+    # the step holds fp32 logits under autocast (Accelerate's convert_outputs_to_fp32) + 3 fp32 loss tensors
+    assert act.logits_bytes(fp32) == act.logits_bytes(bf16) == 16 * n == 512_000
+    assert act.logits_bytes(plain) == (2 + 12) * n  # without autocast a bf16 model holds bf16 logits
+    assert act.held_logits_bytes(bf16) == 4 * n
+    # lm_head (1000 x 64) is cast per call unless it has the autocast dtype already
+    assert act.lm_head_saved_bytes(fp32) == act.lm_head_saved_bytes(mixed) == 2 * 1000 * 64
+    assert act.lm_head_saved_bytes(bf16) == act.lm_head_saved_bytes(plain) == 0
+
+
+def test_cuda_autocast_policy_follows_torch_cuda_op_lists(write_scenario):
+    """The CUDA fp32 list has layer_norm, pow and softmax; the CPU one does not (torch's python-visible mirror of
+    aten/src/ATen/autocast_mode.cpp). gpt2 under bf16 autocast: its LayerNorm saves an fp32 input on CUDA and its
+    tanh-GELU keeps tanh's output and 1+tanh in fp32 (2 x 2 + 2 x 4 B per element) where the CPU keeps all four
+    in bf16 (4 x 2 B)."""
+    import torch
+
+    from peftprof.estimate import autocast as amp
+
+    # read as text: importing it needs torch's test dependencies
+    source = (Path(torch.__file__).parent / "testing" / "_internal" / "autocast_test_lists.py").read_text()
+    cuda_src, cpu_src = source.split("class AutocastCPUTestLists")
+    cuda_src = cuda_src.split("class AutocastTestLists")[1]
+    for op in ('("layer_norm"', '("pow"', '("softmax"'):
+        assert op in cuda_src and op not in cpu_src, op
+    assert '("linear"' in cuda_src and '("linear"' in cpu_src  # lower precision on both
+    (s,) = load_scenario(write_scenario('[model]\npreset = "gpt2"\n[precision]\nweights = "fp32"\nautocast = "bf16"\n'
+                                        '[training]\nseq_len = 64\n'))
+    assert amp.gelu_saved_bytes_per_element(s, "cpu") == 8
+    assert amp.gelu_saved_bytes_per_element(s, "cuda") == 12
+    assert amp.layernorm_saved_input_bytes(s, "cuda") == 4
+    assert amp.norm_output_dtype(s, "cuda") == "fp32"
+    saves_cpu, saves_cuda = act.layer_saves(s, "cpu"), act.layer_saves(s, "cuda")
+    T, inter = 64, 3072
+    assert saves_cuda["gelu"] - saves_cpu["gelu"] == 4 * T * inter

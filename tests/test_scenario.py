@@ -302,3 +302,43 @@ def test_repeated_sweep_values_do_not_hide_keys_that_apply_to_no_variant(write_s
     assert lines == [f'error: {p}: [sweep] precision.weights: the value "bf16" is listed twice '
                      "(allowed: each value once)",
                      f"error: {p}: [precision] double_quant: applies only to fp4 and nf4 weights, not bf16"]
+
+
+# --- issue #13: [precision] autocast ---------------------------------------------------------------------------
+
+
+def test_autocast_defaults_to_none_and_keeps_earlier_settings_keys(write_scenario):
+    """Files without the key mean what they meant: autocast "none", and the same settings key as before the
+    key existed (6c49f78356435f7e: this scenario's key computed by the code of commit 2091bea), so results
+    measured then are still recognised as measured."""
+    (s,) = load_scenario(write_scenario('[model]\npreset = "tiny-llama"\n[precision]\nweights = "fp32"\n'
+                                        '[peft]\nmethod = "full"\n', name="five.toml"))
+    assert s.precision.autocast == "none"
+    assert s.to_dict()["precision"]["autocast"] == "none"
+    assert s.settings_key() == "6c49f78356435f7e"
+
+
+def test_autocast_is_a_sweep_axis_with_its_own_settings_keys(write_scenario):
+    p = write_scenario('name = "amp"\n[model]\npreset = "tiny-llama"\n[precision]\nweights = "fp32"\n'
+                       '[peft]\nmethod = "full"\n[sweep]\n"precision.autocast" = ["none", "bf16", "fp16"]\n')
+    variants = load_scenario(p)
+    assert [v.name for v in variants] == ["amp[precision.autocast=none]", "amp[precision.autocast=bf16]",
+                                          "amp[precision.autocast=fp16]"]
+    assert [v.precision.autocast for v in variants] == ["none", "bf16", "fp16"]
+    assert len({v.settings_key() for v in variants}) == 3
+
+
+@pytest.mark.parametrize("precision,method", [
+    ('weights = "fp32"\nautocast = "fp16"', "full"),  # the classic AMP setup
+    ('weights = "bf16"\nautocast = "fp16"', "lora"),  # fp16 autocast of bf16 weights
+    ('weights = "bf16"\nautocast = "fp16"', "full"),  # bf16 gradients: the scaler unscales them (measured)
+    ('weights = "fp16"\nautocast = "bf16"', "full"),
+    ('weights = "nf4"\ndouble_quant = true\ncompute_dtype = "bf16"\nautocast = "bf16"', "lora"),  # QLoRA
+    ('weights = "fp32"\nautocast = "fp16"', "prefix_tuning"),
+    ('weights = "bf16"\nautocast = "bf16"', "prompt_tuning"),
+])
+def test_autocast_combinations_that_train_are_accepted(write_scenario, precision, method):
+    (s,) = load_scenario(write_scenario(f'[model]\npreset = "tiny-llama"\n[precision]\n{precision}\n'
+                                        f'[peft]\nmethod = "{method}"\n'))
+    assert s.precision.autocast in ("bf16", "fp16")
+    assert s.not_applicable == ()

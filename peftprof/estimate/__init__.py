@@ -4,7 +4,8 @@
 
 Layout, one concern per module; imports only go down this list (no cycles):
 - widths.py: bytes per element of every kind of tensor (hidden stream, non-quantized parameters, compute,
-  trainable parameters, adapters, dropout masks). A term that changes dtypes (autocast) belongs beside it.
+  trainable parameters, adapters, dropout masks). autocast.py beside it: the dtypes under torch.autocast
+  (CPU and CUDA op lists), read by activations.py.
 - memory.py: persistent state (weights, quantization constants, trainable parameters, gradients, optimizer).
 - activations.py: what a step saves and its transients (per layer, model-level, logits, backward moments).
 - flops.py: FLOPs and speed. cuda.py: what differs on CUDA (allocator blocks, reserved/device terms).

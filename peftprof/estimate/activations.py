@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 
 from ..arch import LinearSpec
-from ..settings import Scenario, matches_target
+from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
+from . import autocast as amp
 from .memory import embedding_gradient_bytes, quantized_linears, quanto_group_size
 from .widths import (
     ADAPTER_BYTES_PER_ELEMENT,
@@ -29,8 +30,10 @@ def tokens_per_micro_batch(s: Scenario) -> int:
 
 
 def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: int, act: int,
-                  device: str = "cpu") -> dict[str, int]:
+                  device: str = "cpu", in_dtype: str = "") -> dict[str, int]:
     """Tensors saved around one linear layer (frozen or trainable base, LoRA or IA3 adapter)."""
+    if amp.enabled(s):
+        return _autocast_linear_saves(s, spec, in_key, T, device, in_dtype)
     saved: dict[str, int] = {}
     m, p = s.peft, s.precision
     if m.method == "full" or p.weights in ("int8", "int4"):
@@ -61,6 +64,54 @@ def _linear_saves(s: Scenario, spec: LinearSpec, in_key: str, out_key: str, T: i
                 saved[f"{tag}.x_fp32"] = ADAPTER_BYTES_PER_ELEMENT * T * spec.in_features
         else:
             saved[f"{tag}.base_out"] = act * T * spec.out_features
+    return saved
+
+
+def _targeted(s: Scenario, spec: LinearSpec) -> bool:
+    m = s.peft
+    return m.method in ("lora", "ia3") and any(matches_target(spec.path, t) for t in m.targets(s.model.arch))
+
+
+def _is_feedforward(s: Scenario, spec: LinearSpec) -> bool:
+    return any(matches_target(spec.path, t) for t in s.peft.feedforward_targets(s.model.arch))
+
+
+def _autocast_linear_saves(s: Scenario, spec: LinearSpec, in_key: str, T: int, device: str,
+                           in_dtype: str) -> dict[str, int]:
+    """Under autocast (estimate/autocast.py rules; each checked against the CPU runner, tests/test_autocast.py):
+    a float base's mm saves the cast copy of its frozen weight (per call) and, when trained, of its input (per
+    call: q, k and v cast the same input three times); bitsandbytes int8 keeps its input as given (ctx.A);
+    LoRA casts x to fp32 (peft lora/layer.py), then autocast casts it to the autocast dtype for lora_A (a fresh
+    copy per adapter, saved) and the cached casts of A and B are saved; dropout masks stay fp32 on CPU; IA3
+    saves the base output (in the linear output dtype) or its fp32-cast input (peft ia3/layer.py)."""
+    saved: dict[str, int] = {}
+    m, p = s.peft, s.precision
+    ac = amp.autocast_bytes(s)
+    tag = spec.path
+    if m.method == "full" or p.weights in ("int8", "int4"):
+        cast = amp.input_cast_bytes(s, in_dtype) if m.method == "full" else 0
+        if cast:
+            saved[f"{tag}.x_cast"] = cast * T * spec.in_features
+        else:
+            saved[in_key] = BYTES_PER_ELEMENT[in_dtype] * T * spec.in_features
+    w_cast = amp.frozen_weight_cast_bytes(s)
+    if w_cast:
+        saved[f"{tag}.w_cast"] = w_cast * spec.n_weight_params
+    if not _targeted(s, spec):
+        return saved
+    if m.method == "lora":
+        saved[f"{tag}.a_in"] = ac * T * spec.in_features
+        if m.dropout > 0:
+            saved[f"{tag}.dropout_mask"] = adapter_dropout_mask_bytes_per_element(device) * T * spec.in_features
+        saved[f"{tag}.lora_A_out"] = ac * T * m.r
+        saved[f"{tag}.lora_casts"] = ac * m.r * (spec.in_features + spec.out_features)
+    elif _is_feedforward(s, spec):
+        if in_dtype == amp.FP32_NAME:
+            saved[in_key] = FP32 * T * spec.in_features
+        else:
+            saved[f"{tag}.x_fp32"] = ADAPTER_BYTES_PER_ELEMENT * T * spec.in_features
+    else:
+        saved[f"{tag}.base_out"] = amp.linear_output_bytes(s) * T * spec.out_features
     return saved
 
 
@@ -121,42 +172,54 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
             saved[f"{tag}.in_fp32"] = FP32 * T * a.hidden_size
             saved[f"{tag}.rsqrt"] = FP32 * T
             if full:  # weight * normalized saves the normalized tensor for the weight's gradient
-                saved[f"{tag}.normed"] = act * T * a.hidden_size
+                saved[f"{tag}.normed"] = amp.stream_bytes(s) * T * a.hidden_size
         else:
-            saved[f"{tag}.in"] = act * T * a.hidden_size
+            saved[f"{tag}.in"] = amp.layernorm_saved_input_bytes(s, device) * T * a.hidden_size
             saved[f"{tag}.mean_rstd"] = 2 * FP32 * T
 
-    def linear(name: str, in_key: str, out_key: str) -> None:
-        saved.update(_linear_saves(s, lin[name], in_key, out_key, T, act, device))
+    # dtypes of the linears' inputs (estimate/autocast.py; all the hidden dtype without autocast)
+    lin_out_dtype = amp.linear_output_dtype(s)
+    in_dtypes = {"x1": amp.norm_output_dtype(s, device), "x2": amp.norm_output_dtype(s, device),
+                 "o_in": s.precision.autocast if amp.enabled(s) else lin_out_dtype, "mlp_mid": lin_out_dtype,
+                 "relu_out": lin_out_dtype}
+    lin_out = BYTES_PER_ELEMENT[lin_out_dtype]
 
-    mask = dropout_mask_bytes_per_element(s, device)
+    def linear(name: str, in_key: str, out_key: str) -> None:
+        saved.update(_linear_saves(s, lin[name], in_key, out_key, T, act, device, in_dtypes[in_key]))
+
+    # CPU dropout masks take their input's dtype (dropout_mask_bytes_per_element): the linear outputs here
+    mask = dropout_mask_bytes_per_element(s, device) if device == "cuda" or not amp.enabled(s) else lin_out
+    att = amp.attention_bytes(s)
 
     def attention(k_repeat: bool) -> None:
         k_size = q_dim if k_repeat else kv_dim
-        saved["q"] = act * T * q_dim
-        saved["k"] = act * T_kv * k_size
-        saved["v"] = act * T_kv * k_size
+        saved["q"] = att * T * q_dim
+        saved["k"] = att * T_kv * k_size
+        saved["v"] = att * T_kv * k_size
         probs = b * a.n_heads * s_q * s_kv
         if a.attn_dropout and (s.training.attention == "eager" or device != "cuda"):
             # attention dropout in training: eager, and SDPA on CPU (its math fallback) save the softmax
             # output, the dropout mask and the dropped probabilities (+ scaled q/k copies: the keys above)
-            saved["softmax"] = act * probs
-            saved["attn_dropout_mask"] = mask * probs
-            saved["dropped_probs"] = act * probs
-            if a.model_type == "gpt2" and s.training.attention == "sdpa" and b == 1:
+            soft, drop, drop_mask = amp.attention_dropout_bytes(s, device, mask)
+            if soft != att:  # the CPU math path's fp32 copies of q, k, v (see attention_dropout_bytes)
+                saved["q"], saved["k"], saved["v"] = (soft * saved[k] // att for k in ("q", "k", "v"))
+            saved["softmax"] = soft * probs
+            saved["attn_dropout_mask"] = drop_mask * probs
+            saved["dropped_probs"] = drop * probs
+            if a.model_type == "gpt2" and s.training.attention == "sdpa" and b == 1 and not amp.enabled(s):
                 # gpt2 splits q, k, v from one c_attn output (modeling_gpt2.py); the math path saves scaled
                 # copies of q and k (the keys above) and, for probs @ v, v folded to (b*heads, s, head_dim):
                 # with b = 1 that reshape is a view that keeps the whole q|k|v storage alive, with b > 1 a
                 # copy (the v above). Measured on CPU.
-                saved["qkv_rest"] = act * T * (q_dim + 2 * kv_dim) - saved["v"]
+                saved["qkv_rest"] = att * T * (q_dim + 2 * kv_dim) - saved["v"]
             return
         if s.training.attention == "sdpa":
-            saved["attn_out"] = act * T * q_dim
+            saved["attn_out"] = att * T * q_dim
             saved["attn_lse"] = FP32 * b * a.n_heads * s_q
         else:
             saved["softmax_fp32"] = FP32 * probs
-            if act != FP32:
-                saved["probs"] = act * probs
+            if att != FP32:
+                saved["probs"] = att * probs
 
     if a.model_type == "gpt2":
         norm("ln_1")
@@ -169,7 +232,7 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
         # NewGELUActivation (transformers activations.py) is 0.5*x*(1+tanh(c*(x+0.044715*x^3))): pow saves
         # x, tanh its output, the last mul both factors (0.5*x and 1+tanh); its output is saved by the next
         # linear only if that needs it (mlp_mid below). Measured on CPU.
-        saved["gelu"] = 4 * act * T * a.intermediate_size
+        saved["gelu"] = amp.gelu_saved_bytes_per_element(s, device) * T * a.intermediate_size
         linear("mlp.c_proj", "mlp_mid", "mlp_out")
         saved["resid_drop2"] = mask * T * a.hidden_size
     elif a.model_type == "opt":
@@ -181,7 +244,7 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
         saved["resid_drop1"] = mask * T * a.hidden_size
         norm("final_layer_norm")
         linear("fc1", "x2", "fc1")
-        saved["relu_out"] = act * T * a.intermediate_size  # relu saves its output
+        saved["relu_out"] = lin_out * T * a.intermediate_size  # relu saves its output
         linear("fc2", "relu_out", "fc2")
         saved["resid_drop2"] = mask * T * a.hidden_size
     else:
@@ -194,9 +257,9 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
         linear("gate_proj", "x2", "gate")
         linear("up_proj", "x2", "up")
         i = a.intermediate_size
-        saved["gate"] = act * T * i  # activation saves its input
-        saved["act_out"] = act * T * i  # act(gate) * up saves both factors
-        saved["up"] = act * T * i
+        saved["gate"] = lin_out * T * i  # activation saves its input
+        saved["act_out"] = lin_out * T * i  # act(gate) * up saves both factors
+        saved["up"] = lin_out * T * i
         linear("down_proj", "mlp_mid", "down")
     return saved
 
@@ -206,12 +269,14 @@ def checkpoint_bytes_per_layer(s: Scenario, device: str = "cpu") -> int:
     except on int8 bases: bitsandbytes' MatMul8bitFp keeps its input as a ctx attribute (ctx.A), which
     checkpointing's saved-tensor hooks never see, so each int8 linear's input stays alive (measured)."""
     a = s.model.arch
-    act = activation_bytes_per_element(s)
     T = tokens_per_micro_batch(s)
-    kept = act * T * a.hidden_size
+    kept = amp.stream_bytes(s) * T * a.hidden_size  # the hidden dtype without autocast
     if s.precision.weights == "int8":
-        # distinct inputs: attention input (q/k/v share it), o_proj's, MLP input (shared), down/fc2's
-        kept += act * T * (2 * a.hidden_size + a.n_heads * a.head_dim + a.intermediate_size)
+        # distinct inputs: attention input (q/k/v share it), o_proj's, MLP input (shared), down/fc2's, each in
+        # its own dtype (estimate/autocast.py; all the hidden dtype without autocast)
+        norm_out = BYTES_PER_ELEMENT[amp.norm_output_dtype(s, device)]
+        kept += T * (2 * norm_out * a.hidden_size + amp.attention_bytes(s) * a.n_heads * a.head_dim
+                     + amp.linear_output_bytes(s) * a.intermediate_size)
     return kept
 
 
@@ -221,7 +286,7 @@ def model_activation_bytes(s: Scenario, device: str = "cpu") -> int:
     a = s.model.arch
     act = activation_bytes_per_element(s)
     T = tokens_per_micro_batch(s)
-    total = final_norm_saved_bytes(s)
+    total = final_norm_saved_bytes(s) + lm_head_saved_bytes(s)
     prefix = s.peft.method == "prefix_tuning"
     if a.n_position_embeddings == 0 and not (prefix and a.n_layers == 1):
         # (prefix tuning: layer 0's rotary muls act on frozen q/k that need no gradient and save nothing)
@@ -256,6 +321,17 @@ def final_norm_saved_bytes(s: Scenario) -> int:
     return activation_bytes_per_element(s) * T * a.hidden_size + 2 * FP32 * T
 
 
+def lm_head_saved_bytes(s: Scenario) -> int:
+    """Under autocast lm_head's mm saves the per-call cast of its weight (vocab x embed_dim in the autocast
+    dtype, unless lm_head already has it: estimate/autocast.py lm_head_cast_bytes) and, when trained (full),
+    the cast of its input. Its backward runs first, so these are gone before any layer's (as the final norm's)."""
+    a = s.model.arch
+    total = amp.lm_head_cast_bytes(s) * a.vocab_size * a.embed_dim
+    if s.peft.method == "full":
+        total += amp.input_cast_bytes(s, amp.norm_output_dtype(s, "cpu")) * tokens_per_micro_batch(s) * a.embed_dim
+    return total
+
+
 def activation_bytes(s: Scenario, device: str = "cpu") -> int:
     """Saved activations at the start of backward: every k-th layer checkpointed (k = checkpoint_every)
     keeps only its input, the others everything, plus the model-level tensors."""
@@ -274,9 +350,42 @@ def first_layer_unsaved_bytes(s: Scenario, device: str = "cpu") -> int:
     """Prefix tuning: before layer 0's attention nothing requires a gradient (frozen embeddings, norm and
     projections; the trainable prefix enters as past keys/values), so autograd records no node there and that
     norm and the q/k/v projections save nothing (only the attention onwards does). Measured on CPU."""
-    if s.peft.method != "prefix_tuning" or s.training.checkpoint_every:
+    if s.training.checkpoint_every:
         return 0
-    return sum(v for key, v in layer_saves(s, device).items() if key.startswith(FIRST_NORMS) or key == "x1")
+    total = 0
+    if s.peft.method == "prefix_tuning":
+        total = sum(v for key, v in layer_saves(s, device).items() if key.startswith(FIRST_NORMS) or key == "x1")
+    return total + _first_layer_unsaved_casts(s, device)
+
+
+LAYER_LINEAR_GROUPS = {  # each family's decoder-layer linears in forward order, grouped by shared input
+    "gpt2": (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    "opt": (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",)),
+    "llama": (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
+}
+
+
+def _first_layer_unsaved_casts(s: Scenario, device: str) -> int:
+    """Under autocast a frozen base's mm saves its weight's cast only when its input needs a gradient. Without
+    checkpointing (no enable_input_require_grads) the embeddings need none, so layer 0's linears save nothing
+    up to the first trainable point: the first group holding an adapter (LoRA and IA3 output scaling act after
+    the base; IA3 feed-forward scaling before it, so that base saves), or the attention for prefix tuning
+    (autograd derivatives.yaml mm; measured on CPU). Full fine-tuning and prompt tuning train what comes first."""
+    m = s.peft
+    if not amp.frozen_weight_cast_bytes(s) or m.method not in ("lora", "ia3", "prefix_tuning"):
+        return 0
+    a = s.model.arch
+    groups = LAYER_LINEAR_GROUPS.get(a.model_type, LAYER_LINEAR_GROUPS["llama"])
+    saves = layer_saves(s, device)
+    specs = {spec.path.rsplit(".", 1)[-1] if a.model_type != "gpt2" else spec.path: spec for spec in a.layer_linears}
+    unsaved = 0
+    for group in groups:
+        members = [specs[n] for n in group if n in specs]  # (a family with other names: no correction there)
+        unsaved += sum(saves.get(f"{spec.path}.w_cast", 0) for spec in members
+                       if not (m.method == "ia3" and _targeted(s, spec) and _is_feedforward(s, spec)))
+        if m.method == "prefix_tuning" or any(_targeted(s, spec) for spec in members):
+            break
+    return unsaved
 
 
 def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = "cpu") -> dict[str, int]:
@@ -307,7 +416,7 @@ def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = 
     best: dict[str, int] = {}
     below = sum(held)
     mlp = mlp_saved_bytes(s, device)
-    model_level = model_activation_bytes(s, device) - final_norm_saved_bytes(s)
+    model_level = model_activation_bytes(s, device) - final_norm_saved_bytes(s) - lm_head_saved_bytes(s)
     mlp_moments, attn_temps = mlp_backward_moments(s, device), attention_backward_temporary_bytes(s)
     for i in range(n - 1, -1, -1):
         one_step = s.training.grad_accum_steps == 1
@@ -343,13 +452,13 @@ def logits_bytes(s: Scenario) -> int:
     gradient and log_softmax's fp32 input gradient. An fp32 model needs no separate upcast."""
     a = s.model.arch
     n = tokens_per_micro_batch(s) * a.vocab_size
-    return n * (activation_bytes_per_element(s) + 3 * FP32)
+    return n * (amp.held_logits_bytes_per_element(s) + 3 * FP32)
 
 
 def held_logits_bytes(s: Scenario) -> int:
     """The model's logits, kept by the output object through backward (transformers' no_trainer loop:
     `outputs = model(**batch); outputs.loss.backward()`)."""
-    return tokens_per_micro_batch(s) * s.model.arch.vocab_size * activation_bytes_per_element(s)
+    return tokens_per_micro_batch(s) * s.model.arch.vocab_size * amp.held_logits_bytes_per_element(s)
 
 
 def dequantized_weight_bytes(s: Scenario) -> int:
@@ -402,14 +511,14 @@ def mlp_backward_moments(s: Scenario, device: str = "cpu") -> list[tuple[int, in
        saved tensors all freed.
     Measured on CPU."""
     a = s.model.arch
-    grad = activation_bytes_per_element(s) * tokens_per_micro_batch(s) * a.intermediate_size
+    grad = amp.linear_output_bytes(s) * tokens_per_micro_batch(s) * a.intermediate_size
     down = next(spec for spec in a.layer_linears if spec.path.endswith(DOWN_PROJECTIONS))
     saves = layer_saves(s, device)
     m = s.peft
     lora = m.method == "lora" and any(matches_target(down.path, t) for t in m.targets(a))
     base_saves_input = m.method == "full" or s.precision.weights in ("int8", "int4")
     lora_saves = sum(v for key, v in saves.items() if key.startswith(down.path + "."))
-    if lora and not base_saves_input:
+    if lora and not base_saves_input and not amp.enabled(s):
         lora_saves += saves.get("mlp_mid", 0)  # lora_A saved x itself (fp32 hidden stream, no dropout)
     if lora:
         layer_grads = m.r * (down.in_features + down.out_features) * ADAPTER_BYTES_PER_ELEMENT
@@ -428,7 +537,7 @@ def attention_backward_temporary_bytes(s: Scenario) -> int:
     of the probabilities and softmax's fp32 input gradient, both b*heads*s*s_kv; SDPA: the q, k, v
     gradients. Measured on CPU."""
     a = s.model.arch
-    act = activation_bytes_per_element(s)
+    act = amp.attention_bytes(s)  # the hidden dtype without autocast
     b = s.training.batch_size
     T = tokens_per_micro_batch(s)
     s_kv = T // b + (s.peft.num_virtual_tokens if s.peft.method == "prefix_tuning" else 0)

@@ -1,6 +1,8 @@
 """Bytes per element of each kind of tensor a training step holds: the one place the estimator decides
 dtypes. memory.py (persistent state) and activations.py (saved tensors, transients) both read these and
-nothing else about dtypes, so a setting that changes dtypes (autocast, say) changes this module only.
+nothing else about dtypes. Under `[precision] autocast` the dtypes of what the step makes (linear outputs, casts
+saved for backward, held logits) follow torch's autocast policy: those rules live beside this, in autocast.py;
+persistent state (weights, adapters, gradients, optimizer states) is unchanged by autocast.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ class Built:
     quantization_error: float | None = None  # relative Frobenius norm of W - dequant(quant(W)), first layer
     base_bytes: int = 0  # after the base model is built (weights + quantization constants)
     wrapped_bytes: int = 0  # after the PEFT wrap
+    scaler: object = None  # torch.amp.GradScaler under fp16 autocast (run/step.py grad_scaler), made on first use
+    # dtypes of the trainable parameters, e.g. ["float32"] for adapters: peft's autocast_adapter_dtype=True (its
+    # default, kept) upcasts fp16/bf16 adapters to fp32, so they stay fp32 under autocast too
+    trainable_dtypes: list[str] = field(default_factory=list)
 
 
 def hf_config(s: Scenario):
@@ -288,5 +292,6 @@ def build(s: Scenario, device: str, *, seed: int | None = None) -> Built:
     model = adapt(model, s)
     wrapped_bytes = model_bytes(model, quant_tensors)
     optimizer = make_optimizer(s, model.parameters())
+    trainable_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
     return Built(model=model, optimizer=optimizer, quant_tensors=quant_tensors, quantization_error=error,
-                 base_bytes=base_bytes, wrapped_bytes=wrapped_bytes)
+                 base_bytes=base_bytes, wrapped_bytes=wrapped_bytes, trainable_dtypes=trainable_dtypes)

@@ -3,9 +3,13 @@ public home both import, so they run the same code by construction."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..settings import Scenario
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def synthetic_batch(s: Scenario, device: str, generator: torch.Generator) -> torch.Tensor:
@@ -14,28 +18,81 @@ def synthetic_batch(s: Scenario, device: str, generator: torch.Generator) -> tor
                          generator=generator).to(device)
 
 
+def autocast_context(s: Scenario, device_type: str):
+    """The forward (and the loss, computed inside it) under `torch.autocast(device_type, dtype)`, as Accelerate
+    wraps a prepared model's forward (accelerator.py prepare_model: get_mixed_precision_context_manager), on
+    CPU and CUDA alike; a null context without autocast."""
+    if s.precision.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[s.precision.autocast])
+
+
+def outputs_to_fp32(outputs):
+    """Accelerate's `convert_outputs_to_fp32` (utils/operations.py ConvertOutputsToFp32), outside autocast:
+    every fp16/bf16 tensor of the output becomes an fp32 copy (the logits), the low-precision one is dropped."""
+    for key, value in outputs.items():
+        if torch.is_tensor(value) and value.dtype in (torch.float16, torch.bfloat16):
+            outputs[key] = value.float()
+    return outputs
+
+
+def grad_scaler(built, s: Scenario, device_type: str):
+    """fp16 autocast trains with loss scaling, as Accelerate does for mixed_precision="fp16"
+    (accelerator.py: torch.amp.GradScaler; backward = scaler.scale(loss).backward(); the optimizer step =
+    scaler.step + scaler.update). Made on first use and kept on `built` (its scale carries across steps)."""
+    if s.precision.autocast != "fp16":
+        return None
+    if getattr(built, "scaler", None) is None:
+        built.scaler = torch.amp.GradScaler(device_type)
+    return built.scaler
+
+
 def train_step(built, s: Scenario, ids, probe, where: dict, fault=None) -> None:
     """One optimizer step over grad_accum_steps micro-batches; the phase goes to the probe and to `where`
     (so an out-of-memory names it). The model output is held through backward, as transformers'
-    no_trainer examples do (`outputs = model(**batch); outputs.loss.backward()`)."""
+    no_trainer examples do (`outputs = model(**batch); outputs.loss.backward()`). With autocast, the forward
+    and loss run under it and backward outside it, with loss scaling for fp16 (see `autocast_context`)."""
 
     def phase(name):
         where["phase"] = name
         probe.set_phase(name)
         inject_fault(fault, name)
 
+    # (the probe tests drive this with stand-ins that carry only training settings: no precision, no ids)
+    amp = getattr(getattr(s, "precision", None), "autocast", "none") != "none"
+    device_type = ids.device.type if amp else None
+    scaler = grad_scaler(built, s, device_type) if amp else None
     for _ in range(s.training.grad_accum_steps):
         phase("forward")
-        outputs = built.model(input_ids=ids, labels=ids)
+        with autocast_context(s, device_type) if amp else contextlib.nullcontext():
+            outputs = built.model(input_ids=ids, labels=ids)
+        if amp:
+            outputs = outputs_to_fp32(outputs)
         phase("backward")
-        outputs.loss.backward()
+        (outputs.loss if scaler is None else scaler.scale(outputs.loss)).backward()
         del outputs
     probe.mark_gradients(gradients(built.model))
     phase("optimizer")
-    built.optimizer.step()
+    if scaler is None:
+        built.optimizer.step()
+    elif is_fake(ids):
+        # GradScaler.step (torch/amp/grad_scaler.py) is unscale_ then optimizer.step() unless an inf was found,
+        # which it reads with .item(): fake tensors hold no values, and a steady step finds none
+        scaler.unscale_(built.optimizer)
+        built.optimizer.step()
+        scaler.update()
+    else:
+        scaler.step(built.optimizer)
+        scaler.update()
     built.optimizer.zero_grad(set_to_none=True)
     where["phase"] = "steady"
     probe.set_phase("steady")
+
+
+def is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 def inject_fault(fault, phase):
