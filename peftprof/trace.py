@@ -198,6 +198,46 @@ def _mask_decisions_as_in_real_runs(s: Scenario):
         mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices = original, original_packed
 
 
+@contextlib.contextmanager
+def _grouped_mm_on_fake_tensors():
+    """Mixture-of-experts layers in transformers 5 run their experts through torch's grouped_mm
+    (integrations/moe.py grouped_mm_experts_forward: every token-expert pair in one sorted batch, so what is
+    allocated does not depend on how tokens are routed). Its fake/meta kernel accepts only bf16, while a
+    k-bit-prepared model runs its experts in fp32 (peft prepare_model_for_kbit_training upcasts them: they are
+    not nn.Linear, bitsandbytes leaves them unquantized). Under fake tensors a stand-in with the kernel's
+    allocations replaces it: the output (tokens x out), and in backward the gradient of each input that needs
+    one; it saves the input only when the weight needs a gradient and the weight only when the input does
+    (autograd derivatives.yaml _grouped_mm: self <- grad @ mat2^T, mat2 <- self^T @ grad). Real runs keep
+    the native kernel; tests/test_families.py compares the two."""
+    try:
+        import transformers.integrations.moe as moe
+    except ImportError:  # a transformers without MoE experts integration
+        yield
+        return
+    import torch
+
+    class GroupedMM(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, offs):
+            ctx.save_for_backward(x if w.requires_grad else None, w if x.requires_grad else None)
+            ctx.shapes = (x.shape, w.shape)
+            return x.new_empty((x.shape[0], w.shape[-1]))
+
+        @staticmethod
+        def backward(ctx, grad):
+            x_shape, w_shape = ctx.shapes
+            gx = grad.new_empty(x_shape) if ctx.needs_input_grad[0] else None
+            gw = grad.new_empty(w_shape) if ctx.needs_input_grad[1] else None
+            return gx, gw, None
+
+    original = moe._grouped_mm
+    moe._grouped_mm = lambda input, weight, offs: GroupedMM.apply(input.to(weight.dtype), weight, offs)
+    try:
+        yield
+    finally:
+        moe._grouped_mm = original
+
+
 def trace_peak(s: Scenario, snapshot_path=None) -> dict:
     """Tensor-level peak and breakdown of a steady-state step, traced on fake tensors (CPU semantics), with
     its memory timeline and what is live at the peak (peftprof/timeline.py); `snapshot_path` receives the
@@ -237,7 +277,7 @@ def trace_peak(s: Scenario, snapshot_path=None) -> dict:
     model.train()
     # outside fake mode: bitsandbytes builds its real 256-entry quantization maps here (.item() calls)
     built.optimizer = make_optimizer(s, model.parameters())
-    with fake_mode, _mask_decisions_as_in_real_runs(s):
+    with fake_mode, _mask_decisions_as_in_real_runs(s), _grouped_mm_on_fake_tensors():
         ids = torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len))
 
         # the runner's CPU probe, idle through the warm-up steps as in the runner; no RSS (fake tensors)
@@ -338,6 +378,9 @@ def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = 
                **{k: traced[k] for k in ("timeline", "at_peak") if k in traced})
     if device == "cuda":
         out.update(cuda_reserved_and_device_bytes(peak))
+        if s.precision.autocast != "none" and s.model.arch.model_type in ("gpt2", "opt"):
+            out["note"] = (f"{s.name}: the trace follows torch's CPU autocast op list; CUDA's also runs layer_norm, "
+                           "softmax and pow in fp32 (estimate/autocast.py): the analytic CUDA estimate follows it")
         if "alloc_stream" in traced:  # the caching allocator simulated on the traced alloc/free order
             out.update(_simulated_cuda_terms(s, traced["alloc_stream"], gpu))
     if gpu is not None:

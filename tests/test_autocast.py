@@ -155,3 +155,22 @@ def test_bad_autocast_value_exits_2_naming_file_and_key(write_scenario):
     assert result.exit_code == 2
     assert result.stderr.strip() == (f'error: {path}: [precision] autocast: unknown value "fp8" '
                                      '(allowed: none | bf16 | fp16)')
+
+
+def test_records_say_adapters_stay_fp32_and_the_trace_names_the_cuda_policy_gap(tmp_path):
+    from peftprof.run.runner import run_variant
+    from peftprof.scenario import load_scenarios
+    from peftprof.trace import trace_estimate
+
+    path = tmp_path / "gpt2.toml"
+    path.write_text('[model]\nmodel_type = "gpt2"\nn_embd = 64\nn_layer = 1\nn_head = 2\nvocab_size = 500\n'
+                    '[precision]\nweights = "fp32"\nautocast = "bf16"\n[peft]\nmethod = "lora"\n'
+                    '[training]\nbatch_size = 1\nseq_len = 8\n[run]\ndevice = "cpu"\nsteps = 1\n')
+    (s,) = load_scenarios([path])
+    rec = run_variant(s, device="cpu")
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["checks"]["trainable_dtypes"] == ["float32"]  # peft's autocast_adapter_dtype keeps adapters fp32
+    est = trace_estimate(s, device="cuda")
+    assert est["note"] == ("gpt2: the trace follows torch's CPU autocast op list; CUDA's also runs layer_norm, "
+                           "softmax and pow in fp32 (estimate/autocast.py): the analytic CUDA estimate follows it")
+    assert "note" not in trace_estimate(s, device="cpu")

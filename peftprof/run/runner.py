@@ -179,6 +179,7 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
         where["phase"] = "checks"
         record["checks"].update(_adapter_checks(built, s, ids))
         record["checks"]["quantization_rel_error"] = built.quantization_error
+        record["checks"]["trainable_dtypes"] = built.trainable_dtypes  # adapters stay fp32 under autocast (peft)
         built.model.train()
         for i in range(s.run.warmup_steps):
             say(f"warm-up step {i + 1}/{s.run.warmup_steps}")
