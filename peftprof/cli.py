@@ -128,15 +128,21 @@ def presets(fmt):
 
 
 def _estimates(paths, method, device, gpu_name, mfu):
-    from .estimate import estimate
+    from .estimate import AnalyticUnsupported, estimate
+    from .trace import trace_estimate
 
     gpu = _gpu(gpu_name)
     variants = _load(paths)
-    if method == "trace":
-        from .trace import trace_estimate
-
-        return [(v, trace_estimate(v, device=device, gpu=gpu, mfu=mfu)) for v in variants]
-    return [(v, estimate(v, device=device, gpu=gpu, mfu=mfu)) for v in variants]
+    out = []
+    for v in variants:
+        if method == "analytic":
+            try:
+                out.append((v, estimate(v, device=device, gpu=gpu, mfu=mfu)))
+                continue
+            except AnalyticUnsupported:  # never a silent guess: the trace answers, and its note says why
+                pass
+        out.append((v, trace_estimate(v, device=device, gpu=gpu, mfu=mfu)))
+    return out
 
 
 def estimate_rows(results) -> tuple[list[str], list[list]]:
@@ -294,7 +300,12 @@ def fit(scenario, gpu_name, axis, headroom, device, method):
     gpu = _gpu(gpu_name)
     frac = _parsed("--headroom", parse_fraction, headroom)
     variants = _load([scenario])
-    if method == "trace":
+    from .arch import analytic_gap
+
+    gaps = {gap for v in variants if (gap := analytic_gap(v.model.arch.model_type))}
+    if method == "analytic" and gaps:  # never a silent guess: the trace answers, and says why
+        click.echo(f"note: {'; '.join(sorted(gaps))}; --method trace answers instead", err=True)
+    if method == "trace" or gaps:
         from .trace import trace_estimate as fn
     else:
         fn = analytic

@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import arch as arch_mod
+from . import hub as hub_mod
 from .catalog import model_presets
 from .errors import Problem, UserError, clean, show
+from .estimate.alloc_conf import ALLOWED as ALLOC_CONF_ALLOWED
+from .estimate.alloc_conf import alloc_conf_problems
+from .families import family, hub_rewrite
 from .settings import (
     ATTENTIONS,
     AUTOCAST_KINDS,
@@ -58,7 +62,8 @@ CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\
 POLICY_EVERY = re.compile(r"every_([1-9][0-9]*)")  # ASCII digits only: "²".isdigit() but int("²") fails
 TOP_LEVEL_KEYS = ("name", "description", "model", "precision", "peft", "training", "run", "sweep")
 SECTIONS = ("model", "precision", "peft", "training", "run")
-MODEL_SOURCE_KEYS = ("preset", "config")
+MODEL_SOURCE_KEYS = ("preset", "config", "hub", "revision")
+SOURCES = ("preset", "config", "hub")  # where a model comes from: exactly one of them (or inline keys alone)
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,13 @@ class Key:
     choices: tuple = ()
     lo_open: bool = False
     hi_open: bool = False
+    text: str = ""  # what is allowed, where the kind alone does not say it
 
     def allowed(self) -> str:
+        if self.text:
+            return self.text
+        if self.kind == "str":
+            return "a string"
         if self.kind == "choice":
             return " | ".join(str(c) for c in self.choices)
         if self.kind == "bool":
@@ -112,6 +122,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "steps": Key("int", 1, 100_000),
         "warmup_steps": Key("int", 0, 100_000),
         "seed": Key("int", 0, 2**32 - 1),
+        "cuda_alloc_conf": Key("str", text=ALLOC_CONF_ALLOWED),
     },
 }
 # which PEFT keys apply to which method (a key set for another method is "not applicable")
@@ -210,8 +221,9 @@ class _Collector:
                                      variant=variant))
 
 
-def _check_model_keys(c: _Collector, model_type: str, given: dict, origin: str) -> dict:
-    """Type-check architecture keys against the family schema; returns the checked ones."""
+def _check_model_keys(c: _Collector, model_type: str, given: dict, origin: str, source: str = "config") -> dict:
+    """Type-check architecture keys against the family schema; returns the checked ones. `origin` is "inline" or
+    what the keys came from (a preset, a config file, a hub model), reported on the key `source`."""
     family = arch_mod.FAMILY_KEYS[model_type]
     checked = {}
     for key, value in given.items():
@@ -222,20 +234,87 @@ def _check_model_keys(c: _Collector, model_type: str, given: dict, origin: str) 
                 c.add("model", key, f"does not apply to model_type {model_type!r}", ", ".join(sorted(family)))
             continue  # HF config.json files carry many keys we do not use
         kind, _ = family[key]
+        if value is None and kind in ("int?", "float?"):  # null: the key's absence in transformers' sense
+            checked[key] = None
+            continue
         if kind in ("int", "int?"):
-            if value is None and kind == "int?":
-                checked[key] = None
-                continue
             msg = check_value(Key("int", 1, MODEL_INT_MAX), value)
+        elif kind in ("float", "float?"):
+            msg = check_value(Key("float", 0, None, lo_open=True), value)
         else:
-            msg = check_value(Key({"bool": "bool", "float": "float", "str": "str"}[kind], 0, None, lo_open=True)
-                              if kind == "float" else Key(kind), value)
+            msg = check_value(Key(kind), value)
         if msg:
-            c.add("model", key if origin == "inline" else "config", msg if origin == "inline" else
+            c.add("model", key if origin == "inline" else source, msg if origin == "inline" else
                   f"{clean(origin)}: {key} {msg}")
         else:
             checked[key] = value
     return checked
+
+
+def _read_config_file(c: _Collector, config_file, base_dir: Path) -> dict | None:
+    """`config = "file.json"`: a Hugging Face config.json relative to the scenario, refused as the hub's are
+    (custom code, not a decoder-only causal LM) and rewritten as they are (a multimodal wrapper -> its text
+    model)."""
+    if not isinstance(config_file, str) or not config_file:
+        c.add("model", "config", f"must be a path string, got {_fmt(config_file)}")
+        return None
+    try:
+        loaded = json.loads(read_text_file(base_dir / config_file, MAX_CONFIG_BYTES))
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        c.add("model", "config", f"{clean(config_file)}: "
+              f"{e if 'JSON' not in type(e).__name__ else 'not valid JSON: ' + str(e)}")
+        return None
+    except RecursionError:
+        c.add("model", "config", f"{clean(config_file)}: JSON nested too deeply")
+        return None
+    if not isinstance(loaded, dict):
+        c.add("model", "config", f"{clean(config_file)}: must hold a JSON object")
+        return None
+    problem = hub_mod.refusal(loaded)  # a type outside the registry is reported below, with the allowed ones
+    if problem:
+        c.add("model", "config", f"{clean(config_file)}: {problem}")
+        return None
+    try:
+        return hub_rewrite(loaded)
+    except ValueError as e:
+        c.add("model", "config", f"{clean(config_file)}: {e}")
+        return None
+
+
+def _model_source(c: _Collector, raw: dict, base_dir: Path) -> tuple[str | None, dict] | None:
+    """(origin of the base keys, base keys) from preset, config or hub; None after a problem."""
+    given = [k for k in SOURCES if raw.get(k) is not None]
+    if len(given) > 1:
+        c.add("model", given[-1], f"give only one of preset, config and hub (got {' and '.join(given)})")
+        return None
+    if "revision" in raw and raw.get("hub") is None:
+        c.add("model", "revision", "applies only with hub (the revision of a hub model)", "hub = \"org/name\"")
+        return None
+    source = given[0] if given else None
+    if source == "preset":
+        presets = model_presets()
+        preset = raw["preset"]
+        if not isinstance(preset, str) or preset not in presets:
+            c.add("model", "preset", f"unknown preset {_fmt(preset)}{_closest(str(preset), presets)}",
+                  ", ".join(presets))
+            return None
+        return "preset", dict(presets[preset])
+    if source == "config":
+        loaded = _read_config_file(c, raw["config"], base_dir)
+        return None if loaded is None else (raw["config"], loaded)
+    if source == "hub":
+        revision = raw.get("revision")
+        try:
+            loaded, _path = hub_mod.hub_config(raw["hub"], revision)
+        except hub_mod.HubError as e:
+            c.add("model", "hub", str(e))  # one line saying what to do
+            return None
+        return f"{raw['hub']}{'@' + revision if revision else ''} config.json", loaded
+    if "model_type" not in raw:
+        c.add("model", None, "needs preset, config, hub, or inline architecture keys with model_type",
+              "preset = one of " + ", ".join(model_presets()))
+        return None
+    return None, {}
 
 
 def _resolve_model(c: _Collector, raw: dict, base_dir: Path) -> ModelSettings | None:
@@ -245,60 +324,30 @@ def _resolve_model(c: _Collector, raw: dict, base_dir: Path) -> ModelSettings | 
     known = MODEL_SOURCE_KEYS + tuple(arch_mod.ALL_MODEL_KEYS)
     for key in raw:
         if key not in known:
-            c.add("model", key, f"unknown key{_closest(key, known)}", "preset, config, or HF architecture keys: "
-                  + ", ".join(arch_mod.ALL_MODEL_KEYS))
+            c.add("model", key, f"unknown key{_closest(key, known)}", "preset, config, hub, revision, or HF "
+                  "architecture keys: " + ", ".join(arch_mod.ALL_MODEL_KEYS))
     n_problems = len(c.problems)
-    preset, config_file = raw.get("preset"), raw.get("config")
-    base: dict = {}
-    if preset is not None and config_file is not None:
-        c.add("model", "config", "give either preset or config, not both")
-    elif preset is not None:
-        presets = model_presets()
-        if not isinstance(preset, str) or preset not in presets:
-            c.add("model", "preset", f"unknown preset {_fmt(preset)}{_closest(str(preset), presets)}",
-                  ", ".join(presets))
-        else:
-            base = dict(presets[preset])
-    elif config_file is not None:
-        if not isinstance(config_file, str) or not config_file:
-            c.add("model", "config", f"must be a path string, got {_fmt(config_file)}")
-        else:
-            path = (base_dir / config_file)
-            try:
-                loaded = json.loads(read_text_file(path, MAX_CONFIG_BYTES))
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                c.add("model", "config", f"{clean(config_file)}: "
-                      f"{e if 'JSON' not in type(e).__name__ else 'not valid JSON: ' + str(e)}")
-                loaded = None
-            except RecursionError:
-                c.add("model", "config", f"{clean(config_file)}: JSON nested too deeply")
-                loaded = None
-            if loaded is not None and not isinstance(loaded, dict):
-                c.add("model", "config", f"{clean(config_file)}: must hold a JSON object")
-            elif loaded is not None:
-                base = loaded
-    elif "model_type" not in raw:
-        c.add("model", None, "needs preset, config, or inline architecture keys with model_type",
-              "preset = one of " + ", ".join(model_presets()))
+    found = _model_source(c, raw, base_dir)
+    if found is None or len(c.problems) > n_problems:
         return None
-    if len(c.problems) > n_problems:
-        return None
+    origin, base = found
+    source = next((k for k in SOURCES if raw.get(k) is not None), None)
     model_type = raw.get("model_type", base.get("model_type"))
     if base and "model_type" in raw and raw["model_type"] != base.get("model_type"):
-        c.add("model", "model_type", f"{_fmt(raw['model_type'])} differs from the {'preset' if preset else 'config'}'s "
+        c.add("model", "model_type", f"{_fmt(raw['model_type'])} differs from the {source}'s "
               f"{_fmt(base.get('model_type'))}")
         return None
     if model_type not in arch_mod.SUPPORTED_MODEL_TYPES:
-        c.add("model", "model_type" if "model_type" in raw or not base else "config",
+        c.add("model", "model_type" if "model_type" in raw or not base else source,
               f"unsupported model_type {_fmt(model_type)}", ", ".join(arch_mod.SUPPORTED_MODEL_TYPES))
         return None
-    given = _check_model_keys(c, model_type, base, "preset" if preset else (config_file or "inline"))
+    given = _check_model_keys(c, model_type, base, origin or "inline", source or "config")
     inline = {k: v for k, v in raw.items() if k not in MODEL_SOURCE_KEYS}
     given.update(_check_model_keys(c, model_type, inline, "inline"))
     missing = [k for k in arch_mod.required_keys(model_type) if k not in given]
     if missing:
         c.add("model", missing[0] if len(missing) == 1 else None, f"missing required architecture keys: "
-              f"{', '.join(missing)}" + (f" (in {clean(config_file)})" if config_file else ""))
+              f"{', '.join(missing)}" + (f" (in {clean(origin)})" if source in ("config", "hub") else ""))
     if len(c.problems) > n_problems:
         return None
     resolved = arch_mod.resolve_keys(model_type, given)
@@ -307,8 +356,9 @@ def _resolve_model(c: _Collector, raw: dict, base_dir: Path) -> ModelSettings | 
     except ValueError as e:
         c.add("model", None, str(e))
         return None
-    return ModelSettings(preset=preset, config_file=str(config_file) if config_file else None,
-                         config=frozen_mapping(resolved))
+    config_file = raw.get("config")
+    return ModelSettings(preset=raw.get("preset"), config_file=str(config_file) if config_file else None,
+                         config=frozen_mapping(resolved), hub=raw.get("hub"), revision=raw.get("revision"))
 
 
 def _section(c: _Collector, raw: dict, name: str) -> dict:
@@ -346,6 +396,10 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
     prec, peft, train, run = (_section(c, raw, s) for s in ("precision", "peft", "training", "run"))
 
     weights = prec.get("weights", PrecisionSettings.weights)
+    gap = None if model is None or weights != "int4" else arch_mod.analytic_gap(model.arch.model_type)
+    if gap is not None:  # neither estimator could answer: the trace cannot quantize int4 on meta tensors
+        c.add("precision", "weights", f"int4 on {model.arch.model_type} cannot be estimated: {gap}, and the trace "
+              "cannot quantize int4 (optimum-quanto) on meta tensors", "fp32, fp16, bf16, int8, fp4, nf4")
     if "double_quant" in prec and weights not in BNB_4BIT_KINDS:
         cond.add("precision", "double_quant", f"applies only to {' and '.join(BNB_4BIT_KINDS)} weights, not {weights}")
         prec.pop("double_quant")
@@ -377,8 +431,13 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
               ", ".join(m for m in METHODS if m != "full"))
     _check_autocast(c, prec.get("autocast", "none"), weights, method)
 
+    if "cuda_alloc_conf" in run:
+        for msg in alloc_conf_problems(run["cuda_alloc_conf"]):
+            c.add("run", "cuda_alloc_conf", msg.removesuffix(f"; allowed: {ALLOC_CONF_ALLOWED}"), ALLOC_CONF_ALLOWED)
+
     if model is not None:
         a = model.arch
+        _check_family(c, family(a.model_type), a, peft, method, train)
         targets = peft.get("target_modules")
         if isinstance(targets, tuple):
             paths = [s.path for s in a.layer_linears + a.model_linears]
@@ -404,6 +463,22 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
     return Scenario(name=variant_name, scenario=name, description=str(raw.get("description", "")),
                     source=c.file, model=model, precision=PrecisionSettings(**prec), peft=PeftSettings(**peft),
                     training=TrainingSettings(**train), run=RunSettings(**run), overrides=overrides)
+
+
+def _check_family(c: _Collector, fam, a, peft: dict, method: str, train: dict) -> None:
+    """What a model family refuses or lacks: SDPA attention (transformers builds gemma2 eager only: an unset
+    attention becomes eager, recorded in the resolved scenario; an explicit sdpa is an error), and peft's
+    default target modules (none for phi3 and the MoE families: target_modules must be given)."""
+    if not fam.sdpa:
+        if "attention" not in train:
+            train["attention"] = "eager"
+        elif train["attention"] == "sdpa":
+            c.add("training", "attention", f"transformers builds {fam.name} with eager attention only (it refuses "
+                  "sdpa)", "eager")
+    if method in ("lora", "ia3") and peft.get("target_modules") is None:
+        default = fam.ia3_targets if method == "ia3" else fam.lora_targets
+        if default is None:
+            c.add("peft", "target_modules", f"peft has no default for {fam.name}", ", ".join(a.linear_names))
 
 
 def _check_autocast(c: _Collector, autocast: str, weights: str, method: str) -> None:

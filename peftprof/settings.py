@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 
 from .arch import Arch, LinearSpec, build_arch
+from .families import family
 
 WEIGHT_KINDS = ("fp32", "fp16", "bf16", "int8", "int4", "fp4", "nf4")
 FLOAT_KINDS = ("fp32", "fp16", "bf16")
@@ -21,23 +22,6 @@ ATTENTIONS = ("sdpa", "eager")
 DEVICES = ("auto", "cpu", "cuda")
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
 
-# peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (tests compare with peft's own)
-LORA_DEFAULT_TARGETS = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"), "opt": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
-}
-# peft/utils/constants.py TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
-IA3_DEFAULT_TARGETS = {
-    "llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
-    "qwen2": ("q_proj", "v_proj", "down_proj"), "gemma": ("q_proj", "v_proj", "down_proj"),
-    "opt": ("q_proj", "k_proj", "fc2"), "gpt2": ("c_attn", "mlp.c_proj"),
-}
-IA3_DEFAULT_FEEDFORWARD = {
-    "llama": ("down_proj",), "mistral": ("down_proj",), "qwen2": ("down_proj",), "gemma": ("down_proj",),
-    "opt": ("fc2",), "gpt2": ("mlp.c_proj",),
-}
-
-
 def matches_target(path: str, target: str) -> bool:
     """peft's rule (tuners_utils.check_target_module_exists): exact name or a dotted suffix."""
     return path == target or path.endswith("." + target)
@@ -48,6 +32,8 @@ class ModelSettings:
     preset: str | None = None
     config_file: str | None = None
     config: Mapping[str, object]  # resolved HF config fields, model_type included
+    hub: str | None = None  # a Hugging Face model id whose config.json gave `config`
+    revision: str | None = None  # its branch, tag or commit as given (None: the default branch)
 
     @functools.cached_property
     def arch(self) -> Arch:
@@ -86,14 +72,17 @@ class PeftSettings:
             return arch.linear_names
         if self.target_modules is not None:
             return tuple(self.target_modules)
-        table = IA3_DEFAULT_TARGETS if self.method == "ia3" else LORA_DEFAULT_TARGETS
-        return table[arch.model_type]
+        f = family(arch.model_type)  # peft's per-model defaults (peft/utils/constants.py), kept by the registry
+        default = f.ia3_targets if self.method == "ia3" else f.lora_targets
+        if default is None:  # the loader refuses this: scenario.py asks for target_modules
+            raise ValueError(f"peft has no default target_modules for {arch.model_type}")
+        return default
 
     def feedforward_targets(self, arch: Arch) -> tuple[str, ...]:
         """IA3 modules scaled on their input (peft's feedforward_modules); the rest scale outputs."""
+        ff = family(arch.model_type).ia3_feedforward or ()
         if self.target_modules is None:
-            return IA3_DEFAULT_FEEDFORWARD[arch.model_type]
-        ff = IA3_DEFAULT_FEEDFORWARD[arch.model_type]
+            return ff
         return tuple(t for t in self.targets(arch) if any(matches_target(t, f) or matches_target(f, t) for f in ff))
 
     def targeted_linears(self, arch: Arch) -> tuple[LinearSpec, ...]:
@@ -131,6 +120,7 @@ class RunSettings:
     steps: int = 5
     warmup_steps: int = 1
     seed: int = 0
+    cuda_alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of CUDA runs and of the simulated allocator ("": torch's defaults)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +144,8 @@ class Scenario:
         out = {
             "name": self.name, "scenario": self.scenario, "description": self.description, "source": self.source,
             "model": {"preset": self.model.preset, "config_file": self.model.config_file,
-                      "config": dict(self.model.config)},
+                      "config": dict(self.model.config),
+                      **{k: v for k in ("hub", "revision") if (v := getattr(self.model, k)) is not None}},
             "precision": asdict(self.precision), "peft": asdict(self.peft), "training": asdict(self.training),
             "run": asdict(self.run), "overrides": {k: v for k, v in self.overrides},
             "not_applicable": list(self.not_applicable),
@@ -173,6 +164,8 @@ class Scenario:
             d.pop(k)
         if d["precision"]["autocast"] == "none":  # the default: keys of results measured before the setting existed
             d["precision"].pop("autocast")
+        if not d["run"]["cuda_alloc_conf"]:  # the default, likewise
+            d["run"].pop("cuda_alloc_conf")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

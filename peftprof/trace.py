@@ -257,8 +257,11 @@ def trace_peak(s: Scenario, snapshot_path=None) -> dict:
     warnings.filterwarnings("ignore", category=UserWarning)  # e.g. "Paged optimizers are not supported on CPU"
     check_traceable(s)
     if s.precision.weights == "int4":
+        from .arch import analytic_gap
+
+        hint = "; use --method analytic" if analytic_gap(s.model.arch.model_type) is None else ""
         raise UserError(f"{s.name}: --method trace does not support int4 (optimum-quanto cannot quantize meta "
-                        "tensors); use --method analytic")
+                        f"tensors){hint}")
     model = base_model(s, "meta")
     if s.precision.weights in ("int8", "fp4", "nf4"):
         _quantize_on_meta(model, s)
@@ -307,6 +310,7 @@ def trace_peak(s: Scenario, snapshot_path=None) -> dict:
         write_snapshot(probe.tracker, snapshot_path)
     return {"peak_bytes": result.peak_bytes, "peak_phase": result.peak_phase, "breakdown": result.breakdown,
             "phase_peaks": result.phase_peaks, "wrapped_bytes": model_bytes(model, built.quant_tensors),
+            "n_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "alloc_stream": tracker_stream(probe.tracker, paged), **explain(probe.tracker)}
 
 
@@ -357,17 +361,36 @@ def cached_trace_peak(s: Scenario) -> dict:
 
 def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = None, mfu: float | None = None) -> dict:
     """Same structure as the analytic estimate, with method 'trace': the traced CPU peak plus, for CUDA,
-    the analytic device terms (cuBLAS workspace; reserved and device bytes)."""
-    from .estimate import CUDA_CUBLAS_WORKSPACE_BYTES, cuda_reserved_and_device_bytes, estimate
+    the device terms (cuBLAS workspace; reserved and device bytes from the simulated allocator). For a family
+    the analytic estimator does not model (AnalyticUnsupported) the estimate is built from the trace alone
+    and says so in its `note`."""
+    from .estimate import CUDA_CUBLAS_WORKSPACE_BYTES, AnalyticUnsupported, cuda_reserved_and_device_bytes, estimate
     from .estimate.flops import DEFAULT_MFU
 
     device = device or ("cuda" if s.run.device == "auto" else s.run.device)
-    analytic = estimate(s, device=device, gpu=gpu, mfu=mfu or DEFAULT_MFU)
+    mfu = mfu or DEFAULT_MFU
+    try:
+        analytic, unsupported = estimate(s, device=device, gpu=gpu, mfu=mfu), None
+    except AnalyticUnsupported as e:
+        analytic, unsupported = None, e.lines()[0]
+    # why the analytic estimator cannot answer, without the variant's name and the pointer to the trace
+    gap = unsupported and unsupported.removeprefix(f"{s.name}: ").removesuffix("; --method trace answers")
     try:
         check_traceable(s)
     except TraceTooLarge as e:
+        if analytic is None:
+            raise UserError(f"{e.lines()[0]}, and {gap}: neither estimator answers") from None
         return dict(analytic, note=f"{e.lines()[0]}: the analytic estimate answers instead")
-    traced = cached_trace_peak(s)
+    try:
+        traced = cached_trace_peak(s)
+    except UserError as e:
+        if analytic is not None:
+            raise
+        raise UserError(f"{e.lines()[0]}, and {gap}: neither estimator answers") from None
+    notes = []
+    if analytic is None:
+        analytic, note = _trace_only_fields(s, device, gpu, mfu, traced)
+        notes.append(f"{unsupported} instead, from the trace alone ({note})")
     breakdown = dict(traced["breakdown"])
     breakdown["overhead"] = CUDA_CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0
     # the trace follows CPU semantics, where paged optimizer states are plain tensors; on CUDA they live
@@ -379,15 +402,44 @@ def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = 
     if device == "cuda":
         out.update(cuda_reserved_and_device_bytes(peak))
         if s.precision.autocast != "none" and s.model.arch.model_type in ("gpt2", "opt"):
-            out["note"] = (f"{s.name}: the trace follows torch's CPU autocast op list; CUDA's also runs layer_norm, "
-                           "softmax and pow in fp32 (estimate/autocast.py): the analytic CUDA estimate follows it")
+            notes.append(f"{s.name}: the trace follows torch's CPU autocast op list; CUDA's also runs layer_norm, "
+                         "softmax and pow in fp32 (estimate/autocast.py): the analytic CUDA estimate follows it")
         if "alloc_stream" in traced:  # the caching allocator simulated on the traced alloc/free order
             out.update(_simulated_cuda_terms(s, traced["alloc_stream"], gpu))
+    if notes:
+        out["note"] = "; ".join(notes)
     if gpu is not None:
         need = out.get("device_bytes", peak)
         out.update(fits=need <= gpu.memory_bytes and not out.get("allocator_oom", False),
                    headroom_bytes=gpu.memory_bytes - need)
     return out
+
+
+def _trace_only_fields(s: Scenario, device: str, gpu: Gpu | None, mfu: float, traced: dict) -> tuple[dict, str]:
+    """The estimate's fields besides the memory breakdown when only the trace answers: parameter counts (the
+    family's Arch, tested against transformers; trainable ones counted on the traced model), the paged optimizer
+    bytes (estimate/memory.py: per trainable tensor, valid for every family), and FLOPs and speed where
+    estimate/flops.py counts the family's matmuls (dense decoders: all of them are nn.Linear); a mixture of
+    experts runs matmuls that are not nn.Linear (expert stacks), which flops.py does not count: omitted.
+    Returns (fields, what the note says about FLOPs)."""
+    from .estimate import memory as mem
+    from .estimate.flops import flops_per_step
+
+    a = s.model.arch
+    out = {"method": "trace", "device": device,
+           "paged_optimizer_bytes": mem.optimizer_state_bytes(s, device=device)[1], "n_params": a.n_params,
+           "n_trainable_params": traced.get("n_trainable_params", sum(mem.trainable_tensors(s))),
+           "tokens_per_step": s.training.batch_size * s.training.seq_len * s.training.grad_accum_steps}
+    if gpu is not None:
+        out["gpu"] = gpu.name
+    if a.n_experts:
+        return out, "flops_per_step and speed omitted: estimate/flops.py does not count expert matmuls"
+    out["flops_per_step"] = flops_per_step(s)
+    if gpu is not None:
+        step_time_s = out["flops_per_step"] / (gpu.bf16_tflops * 1e12 * mfu)
+        out.update(mfu=mfu, predicted_step_time_s=step_time_s,
+                   predicted_tokens_per_s=out["tokens_per_step"] / step_time_s)
+    return out, "flops_per_step from estimate/flops.py: every matmul of this dense family is a linear layer"
 
 
 def _simulated_cuda_terms(s: Scenario, stream: dict, gpu: Gpu | None) -> dict:

@@ -333,3 +333,28 @@ def test_recorded_snapshots_replay_exactly():
         out = replay_snapshot(snap)
         assert out["match"], (name, out["first_segment_difference"], out["recorded_peak_reserved_bytes"],
                               out["simulated_peak_reserved_bytes"])
+
+
+def test_scenario_cuda_alloc_conf_reaches_the_simulated_allocator(write_scenario, monkeypatch, tmp_path):
+    """`[run] cuda_alloc_conf` (swept here: torch's defaults, then expandable segments) changes the simulated
+    segments and reservation of `estimate --method trace --device cuda`, and nothing else."""
+    import json
+
+    from click.testing import CliRunner
+
+    from peftprof.cli import cli
+
+    monkeypatch.setenv("PEFTPROF_CACHE", str(tmp_path / "cache"))
+    path = write_scenario('[model]\nmodel_type = "llama"\nhidden_size = 64\nnum_hidden_layers = 2\n'
+                          'num_attention_heads = 4\nintermediate_size = 160\nvocab_size = 1000\n'
+                          '[training]\nbatch_size = 2\nseq_len = 64\n'
+                          '[sweep]\n"run.cuda_alloc_conf" = ["", "expandable_segments:True"]\n')
+    result = CliRunner().invoke(cli, ["estimate", str(path), "--method", "trace", "--device", "cuda",
+                                      "--format", "json"])
+    assert result.exit_code == 0, result.output
+    default, expandable = (row["estimate"] for row in json.loads(result.stdout))
+    assert default["peak_bytes"] == expandable["peak_bytes"] and default["breakdown"] == expandable["breakdown"]
+    assert expandable["n_segments"] < default["n_segments"]
+    assert expandable["reserved_bytes"] != default["reserved_bytes"]  # whole 20 MiB pages: here more
+    assert expandable["device_bytes"] - expandable["reserved_bytes"] == default["device_bytes"] - \
+        default["reserved_bytes"]

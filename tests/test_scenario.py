@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from peftprof.cli import cli
 from peftprof.errors import UserError
+from peftprof.estimate.alloc_conf import ALLOWED as ALLOC_CONF_ALLOWED
 from peftprof.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +86,7 @@ def test_unknown_key_lists_valid_ones(write_scenario):
     with pytest.raises(UserError) as err:
         load_scenario(p)
     assert err.value.lines() == [
-        f"{p}: [run] steps_per_epoch: unknown key (allowed: device, steps, warmup_steps, seed)"]
+        f"{p}: [run] steps_per_epoch: unknown key (allowed: device, steps, warmup_steps, seed, cuda_alloc_conf)"]
 
 
 def test_five_line_scenario_gets_defaults(write_scenario):
@@ -206,7 +207,8 @@ def test_long_values_and_keys_are_cut_in_error_lines(tmp_path):
         f"error: {p}: {'k' * 80}… (300 characters): unknown section or key "
         "(allowed: name, description, model, precision, peft, training, run, sweep)",
         f"error: {p}: [model] config: unsupported model_type \"{'a' * 80}…\" (3,000,000 characters) "
-        "(allowed: llama, mistral, qwen2, gemma, gpt2, opt)"]
+        "(allowed: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, gpt2, opt, mixtral, qwen2_moe, "
+        "qwen3_moe)"]
 
 
 def test_error_lines_escape_control_characters(write_scenario):
@@ -215,7 +217,8 @@ def test_error_lines_escape_control_characters(write_scenario):
     assert (code, len(lines)) == (2, 2)
     assert lines[0].startswith(f'error: {p}: [model] preset: unknown preset "tiny\\u001b[2J\\nllama"; did you mean '
                                "'tiny-llama'? (allowed: tiny-llama, ")
-    assert lines[1] == f'error: {p}: [run] x\\u0007y: unknown key (allowed: device, steps, warmup_steps, seed)'
+    assert lines[1] == (f'error: {p}: [run] x\\u0007y: unknown key (allowed: device, steps, warmup_steps, seed, '
+                        'cuda_alloc_conf)')
 
 
 def test_huge_every_k_is_a_message_not_a_traceback(write_scenario):
@@ -342,3 +345,34 @@ def test_autocast_combinations_that_train_are_accepted(write_scenario, precision
                                         f'[peft]\nmethod = "{method}"\n'))
     assert s.precision.autocast in ("bf16", "fp16")
     assert s.not_applicable == ()
+
+
+# --- [run] cuda_alloc_conf, [model] hub -------------------------------------------------------------------------
+
+
+def test_cuda_alloc_conf_defaults_to_empty_and_keeps_earlier_settings_keys(write_scenario):
+    """Unset, the key is "" (torch's defaults) and stays out of the settings key, as autocast "none" does: the
+    same file keeps the key it had before either setting existed; set, it makes a variant of its own."""
+    text = '[model]\npreset = "tiny-llama"\n[precision]\nweights = "fp32"\n[peft]\nmethod = "full"\n'
+    (s,) = load_scenario(write_scenario(text, name="five.toml"))
+    assert s.run.cuda_alloc_conf == "" and s.to_dict()["run"]["cuda_alloc_conf"] == ""
+    assert "hub" not in s.to_dict()["model"] and "revision" not in s.to_dict()["model"]
+    assert s.settings_key() == "6c49f78356435f7e"
+    p = write_scenario(text.replace('name = ', '') + '[sweep]\n"run.cuda_alloc_conf" = ["", "expandable_segments:True"]\n',
+                       name="conf.toml")
+    default, expandable = load_scenario(p)
+    assert expandable.run.cuda_alloc_conf == "expandable_segments:True"
+    assert default.settings_key() != expandable.settings_key()
+
+
+def test_bad_cuda_alloc_conf_in_a_sweep_names_its_variant(write_scenario):
+    p = write_scenario('[model]\npreset = "tiny-llama"\n[sweep]\n'
+                       '"run.cuda_alloc_conf" = ["expandable_segments:True", "max_split_size_mb:10"]\n')
+    code, lines = validate(p)
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {p}: [run] cuda_alloc_conf: max_split_size_mb: too small, must be >= 20 "
+                               "(MiB), got 10 (allowed: comma-separated key:value pairs: expandable_segments:")
+    assert lines[0].endswith("(in variant s[run.cuda_alloc_conf=max_split_size_mb:10])")
+    p = write_scenario('[model]\npreset = "tiny-llama"\n[run]\ncuda_alloc_conf = 1\n', name="int.toml")
+    assert validate(p) == (2, [f"error: {p}: [run] cuda_alloc_conf: must be a string, got 1 (allowed: "
+                               f"{ALLOC_CONF_ALLOWED})"])

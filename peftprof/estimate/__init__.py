@@ -15,7 +15,9 @@ Layout, one concern per module; imports only go down this list (no cycles):
 
 from __future__ import annotations
 
+from ..arch import analytic_gap
 from ..catalog import Gpu
+from ..errors import UserError
 from ..results import CATEGORIES
 from ..settings import Scenario
 from . import activations as act_mod
@@ -30,6 +32,11 @@ from .cuda import (  # noqa: F401  (CUDA terms live in estimate/cuda.py; re-expo
 from .flops import DEFAULT_MFU, flops_per_step
 
 MIB = 1 << 20
+
+
+class AnalyticUnsupported(UserError):
+    """The analytic estimator does not model this variant's family (arch.analytic_gap): `--method trace`
+    answers (trace.trace_estimate builds its estimate from the trace alone)."""
 
 
 def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], int, str]:
@@ -69,7 +76,11 @@ def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], int, 
 
 
 def estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = None, mfu: float = DEFAULT_MFU) -> dict:
-    """The analytic estimate of one variant, as the JSON-ready dict described in the README."""
+    """The analytic estimate of one variant, as the JSON-ready dict described in the README. Raises
+    AnalyticUnsupported for a family it does not model: never a silent guess."""
+    gap = analytic_gap(s.model.arch.model_type)
+    if gap:
+        raise AnalyticUnsupported(f"{s.name}: {gap}; --method trace answers")
     device = device or ("cuda" if s.run.device == "auto" else s.run.device)
     breakdown, paged, phase = memory_breakdown(s, device=device)
     peak = sum(breakdown.values())

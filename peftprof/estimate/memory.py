@@ -123,6 +123,7 @@ def _all_parameter_tensors(a: Arch) -> list[int]:
             if spec.bias:
                 out.append(spec.out_features)
         out += norm_tensors * a.n_norms_per_layer
+        out += [p.numel for p in a.layer_params]  # q/k norms, routers, expert stacks (full fine-tuning trains them)
     for spec in a.model_linears:
         out.append(spec.n_weight_params)
     if a.final_norm:

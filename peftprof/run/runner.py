@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..estimate import estimate
+from ..errors import UserError
+from ..estimate import AnalyticUnsupported, estimate
 from ..settings import Scenario
 from .build import build
 from .probe import make_probe, now
@@ -107,10 +108,14 @@ def run_options(s: Scenario, *, device: str, steps: int | None = None, max_memor
     return {"device": device, "steps": steps or s.run.steps, "max_memory": max_memory}
 
 
-def _base_record(s: Scenario, device: str, est: dict, options: dict) -> dict:
-    return {"variant": s.name, "scenario": s.to_dict(), "settings_key": s.settings_key(), "run_options": options,
-            "estimate": est, "status": "ok", "measured": None, "checks": {}, "error": None,
-            "provenance": provenance(device)}
+def _base_record(s: Scenario, device: str, options: dict) -> dict:
+    est, note = record_estimate(s, device)
+    record = {"variant": s.name, "scenario": s.to_dict(), "settings_key": s.settings_key(), "run_options": options,
+              "estimate": est, "status": "ok", "measured": None, "checks": {}, "error": None,
+              "provenance": provenance(device)}
+    if note:
+        record["estimate_note"] = note
+    return record
 
 
 def refusing_library(exc: BaseException) -> str | None:
@@ -136,9 +141,24 @@ def error_info(exc: BaseException, phase: str) -> dict:
             "traceback": traceback.format_exc()[-4000:]}
 
 
-def _refused_by_estimate(est: dict, max_memory: int | None) -> str | None:
-    """Refuse to build what the analytic estimate already puts over the cap (protects the host)."""
-    if max_memory is None:
+def record_estimate(s: Scenario, device: str) -> tuple[dict | None, str | None]:
+    """(estimate, note) of a record: the analytic estimate, or for a family it does not model the trace's (whose
+    own note says so); None and a note when neither answers (e.g. int4 weights, which the trace cannot
+    quantize): the runner still measures."""
+    try:
+        return estimate(s, device=device), None
+    except AnalyticUnsupported:
+        from ..trace import trace_estimate
+
+        try:
+            return trace_estimate(s, device=device), None
+        except UserError as e:  # it says why neither estimator answers
+            return None, e.lines()[0]
+
+
+def _refused_by_estimate(est: dict | None, max_memory: int | None) -> str | None:
+    """Refuse to build what the estimate already puts over the cap (protects the host)."""
+    if max_memory is None or est is None:
         return None
     b = est["breakdown"]
     need = b["weights"] + b["quant_constants"] + b["trainable"]
@@ -154,8 +174,8 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
     measurement adds the step's memory timeline and what is live at its peak (peftprof/timeline.py), and
     `snapshot_path` receives the step as a torch memory snapshot (peftprof/snapshot.py)."""
     device = resolve_device(device)
-    est = estimate(s, device=device)
-    record = _base_record(s, device, est, run_options(s, device=device, steps=steps, max_memory=max_memory))
+    record = _base_record(s, device, run_options(s, device=device, steps=steps, max_memory=max_memory))
+    est = record["estimate"]
     refused = _refused_by_estimate(est, max_memory)
     if refused is not None:
         record.update(status="oom", error={"phase": "build", "message": refused})
@@ -320,8 +340,7 @@ def run_variant_isolated(s: Scenario, *, device: str, steps: int | None = None, 
         recv.close()
     if result is not None:
         return result
-    est = estimate(s, device=device)
-    record = _base_record(s, device, est, run_options(s, device=device, steps=steps, max_memory=max_memory))
+    record = _base_record(s, device, run_options(s, device=device, steps=steps, max_memory=max_memory))
     if failure is None:
         failure = {"phase": last, "message": f"the variant's process {_death(proc.exitcode)} during {last}",
                    "exit_code": proc.exitcode}
