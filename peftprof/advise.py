@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .catalog import Gpu, gpus
+from .errors import UserError
 from .settings import (
     ModelSettings,
     PeftSettings,
@@ -194,14 +195,16 @@ def advise_record(record: dict) -> dict | None:
         s = scenario_from_dict(record["scenario"])
         target = record_target(record, s)
         out = None if target is None else advise(s, target)
-    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError):
-        return None
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, UserError):
+        return None  # e.g. a family the analytic estimator (which advice runs on) does not model
     return out if out is not None and out["needed"] else None
 
 
 def advice_lines(variant: str, advice: dict) -> list[str]:
     """Terminal text: what the variant needs and each change that fits (`visible` applied by the caller)."""
     gib = 1 << 30
+    if "unavailable" in advice:
+        return [f"{variant}: no advice: {advice['unavailable']} (advice runs on the analytic estimator)"]
     head = (f"{variant}: needs {advice['need_bytes'] / gib:.2f} GiB of {advice['target']} "
             f"({advice['memory_bytes'] / gib:.2f} GiB; advice keeps {ADVISE_HEADROOM:.0%} free)")
     if not advice["needed"]:

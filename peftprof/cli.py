@@ -158,7 +158,7 @@ def estimate_rows(results) -> tuple[list[str], list[list]]:
         row = [v.name, gib(e["peak_bytes"])] + [gib(e["breakdown"][c]) for c in CATEGORIES]
         if with_gpu:
             row += [e["gpu"], "yes" if e["fits"] else "NO", gib(e["headroom_bytes"]),
-                    f"{e['predicted_tokens_per_s']:,.0f}"]
+                    "-" if e.get("predicted_tokens_per_s") is None else f"{e['predicted_tokens_per_s']:,.0f}"]
         rows.append(row)
     return headers, rows
 
@@ -207,17 +207,13 @@ def estimate(scenarios, gpu_name, device, method, fmt, mfu, advise, report_path)
 
         target = gpu_target(_gpu(gpu_name))
         for (v, _), rec in zip(results, records, strict=True):
-            rec["advice"] = advise_fn(v, dataclasses.replace(target, device=rec["estimate"]["device"]))
+            try:
+                rec["advice"] = advise_fn(v, dataclasses.replace(target, device=rec["estimate"]["device"]))
+            except UserError as e:  # a family only the trace answers for
+                rec["advice"] = {"unavailable": e.lines()[0]}
     if report_path is not None:
         from .report import write_records_report
 
-        if method == "trace":
-            from .trace import cached_trace_peak
-
-            for (v, e), rec in zip(results, records, strict=True):
-                if e.get("method") == "trace":  # the traced step's timeline and peak (cached by the estimate)
-                    traced = cached_trace_peak(v)
-                    rec["estimate"] = dict(e, **{k: traced[k] for k in ("timeline", "at_peak") if k in traced})
         click.echo(f"report: {write_records_report(records, report_path)}", err=True)
     if fmt == "json":
         click.echo(json.dumps(records, indent=2))

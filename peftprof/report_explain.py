@@ -132,7 +132,7 @@ def explain_data(records, unit: str, scale: int) -> dict:
             "i": i + 1, "t": r["variant"], "n": pl(r["variant"]), "src": label, "ne": tl.get("n_events"),
             "x": tl["x"], "y": {c: [_sig(b / scale) for b in v] for c, v in tl["bytes"].items()},
             "ph": [[p["phase"], p["start"], p["end"]] for p in tl.get("phases") or []],
-            "pk": [tl["peak"].get("x"), tl["peak"]["bytes"], tl["peak"].get("phase")],
+            "pk": [tl["peak"].get("x"), tl["peak"]["bytes"], tl["peak"].get("phase")], "nt": tl.get("note") or "",
             "top": [[t["bytes"], t.get("category"), _shape(t.get("shape")), t.get("dtype"), t.get("module"),
                      t.get("allocated_in")] for t in ap.get("top_tensors") or []],
             "mod": [[g.get("module"), g["bytes"], g.get("n_tensors"), biggest_category(g.get("by_category") or {})[0]]
@@ -196,7 +196,7 @@ function tlShow(k){var v=TL.v[k],f=tlFig(k),el=document.getElementById('tl-plot'
 if(el.dataset.drawn)Plotly.react(el,f.data,f.layout);
 var big=v.top.length?v.top[0]:null;document.getElementById('tl-peak').textContent=(v.pk[0]===null)?'':
 'Peak '+fmtB(v.pk[1])+' in '+v.pk[2]+', at event '+v.pk[0]+' of '+v.ne+'.'+(big?' The largest tensor live then: '+
-big[1]+' '+big[3]+big[2]+' from '+big[4]+', '+fmtB(big[0])+'.':'');
+big[1]+' '+big[3]+big[2]+' from '+big[4]+', '+fmtB(big[0])+'.':'')+(v.nt?' '+v.nt:'');
 var q=function(b){return (b/TL.scale).toFixed(3);};
 fillTable('top-tensors',v.top.map(function(t){return [q(t[0]),t[1],t[2],t[3],t[4],t[5]];}));
 fillTable('by-module',v.mod.map(function(g){return [g[0],q(g[1]),g[2],g[3]];}));

@@ -44,6 +44,7 @@ from .settings import (
     matches_target,
 )
 from .sweep import closest, collect_problems, expand, sweep_axes
+from .trace import MAX_TRACED_LAYER_PASSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -396,10 +397,18 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
     prec, peft, train, run = (_section(c, raw, s) for s in ("precision", "peft", "training", "run"))
 
     weights = prec.get("weights", PrecisionSettings.weights)
-    gap = None if model is None or weights != "int4" else arch_mod.analytic_gap(model.arch.model_type)
-    if gap is not None:  # neither estimator could answer: the trace cannot quantize int4 on meta tensors
+    gap = None if model is None else arch_mod.analytic_gap(model.arch.model_type)
+    accum = train.get("grad_accum_steps", 1)
+    passes = model.arch.n_layers * accum if gap is not None and isinstance(accum, int) else 0
+    # where the analytic estimator cannot answer, the trace must: refuse what it cannot do
+    if gap is not None and weights == "int4":  # the trace cannot quantize int4 on meta tensors
         c.add("precision", "weights", f"int4 on {model.arch.model_type} cannot be estimated: {gap}, and the trace "
               "cannot quantize int4 (optimum-quanto) on meta tensors", "fp32, fp16, bf16, int8, fp4, nf4")
+    elif passes > MAX_TRACED_LAYER_PASSES:
+        c.add("training", "grad_accum_steps", f"{model.arch.n_layers} layers x {accum} micro-batches cannot be "
+              f"estimated: {gap}, and the trace runs at most {MAX_TRACED_LAYER_PASSES} decoder-layer passes",
+              f"<= {MAX_TRACED_LAYER_PASSES // model.arch.n_layers} micro-batches"
+              if model.arch.n_layers <= MAX_TRACED_LAYER_PASSES else "a model the trace can run")
     if "double_quant" in prec and weights not in BNB_4BIT_KINDS:
         cond.add("precision", "double_quant", f"applies only to {' and '.join(BNB_4BIT_KINDS)} weights, not {weights}")
         prec.pop("double_quant")

@@ -58,8 +58,8 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 def csv_cell(value):
     """A string a spreadsheet would run as a formula (starts with = + - @ tab CR) gets a leading ' (OWASP
-    CSV injection); plain numbers such as -1.5 and non-strings are left as they are."""
-    if isinstance(value, str) and value.startswith(FORMULA_START) and not _NUMBER.fullmatch(value):
+    CSV injection); plain numbers such as -1.5, a lone "-" (no value) and non-strings are left as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and value != "-" and not _NUMBER.fullmatch(value):
         return "'" + value
     return value
 

@@ -401,6 +401,13 @@ def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = 
                **{k: traced[k] for k in ("timeline", "at_peak") if k in traced})
     if device == "cuda":
         out.update(cuda_reserved_and_device_bytes(peak))
+        if "timeline" in out:  # the timeline is the CPU tensor trace: say how the CUDA peak differs from it
+            paged = traced["breakdown"]["optimizer"] - breakdown["optimizer"]
+            out["timeline"] = dict(out["timeline"], note=(
+                f"The timeline is the traced step's tensors; the CUDA peak of {peak / 2**20:,.3f} MiB adds the cuBLAS "
+                f"workspace ({CUDA_CUBLAS_WORKSPACE_BYTES / 2**20:g} MiB)"
+                + (f" and leaves out {paged / 2**20:,.3f} MiB of paged optimizer states (CUDA unified memory)"
+                   if paged else "") + "."))
         if s.precision.autocast != "none" and s.model.arch.model_type in ("gpt2", "opt"):
             notes.append(f"{s.name}: the trace follows torch's CPU autocast op list; CUDA's also runs layer_norm, "
                          "softmax and pow in fp32 (estimate/autocast.py): the analytic CUDA estimate follows it")

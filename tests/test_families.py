@@ -430,3 +430,50 @@ def test_int4_on_a_family_no_estimator_answers_for_is_refused_up_front(write_sce
     assert result.output == (f"error: {path}: [precision] weights: int4 on qwen3 cannot be estimated: the analytic "
                              "estimator does not model qwen3's saved tensors yet, and the trace cannot quantize int4 "
                              "(optimum-quanto) on meta tensors (allowed: fp32, fp16, bf16, int8, fp4, nf4)\n")
+
+
+def test_families_only_the_trace_answers_for_get_reports_and_no_advice(write_scenario, tmp_path, monkeypatch):
+    """qwen3 and mixtral: `--advise` says why there is no advice, the HTML report is written (without advice),
+    and MoE estimates, which carry no speed, print '-' for tokens/s (red-team findings)."""
+    from click.testing import CliRunner
+
+    from peftprof.cli import cli
+
+    monkeypatch.setenv("PEFTPROF_CACHE", str(tmp_path / "cache"))
+    qwen3 = write_scenario(TRAIN_SCENARIO.format(arch=_inline("qwen3")), "q3.toml")
+    html = tmp_path / "q3.html"
+    result = CliRunner().invoke(cli, ["estimate", str(qwen3), "--method", "trace", "--gpu", "T4", "--advise",
+                                      "--report", str(html)])
+    assert result.exit_code == 0, result.output
+    assert ("q3: no advice: q3: the analytic estimator does not model qwen3's saved tensors yet; --method trace "
+            "answers (advice runs on the analytic estimator)") in result.stdout
+    assert html.exists() and "q3" in html.read_text()
+    mixtral = write_scenario(TRAIN_SCENARIO.format(arch=_inline("mixtral")), "mx.toml")
+    result = CliRunner().invoke(cli, ["estimate", str(mixtral), "--gpu", "T4", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1].endswith(",-")  # tokens/s: not predicted for mixture-of-experts
+
+
+def test_a_family_the_trace_cannot_run_deep_enough_is_refused_up_front(write_scenario):
+    text = TRAIN_SCENARIO.format(arch=_inline("qwen3")).replace("seq_len = 32", "seq_len = 32\ngrad_accum_steps = 130")
+    path = write_scenario(text)
+    code, err = _validate(path)
+    assert code == 2
+    assert err == [f"error: {path}: [training] grad_accum_steps: 2 layers x 130 micro-batches cannot be estimated: "
+                   "the analytic estimator does not model qwen3's saved tensors yet, and the trace runs at most 256 "
+                   "decoder-layer passes (allowed: <= 128 micro-batches)"]
+
+
+def test_a_cuda_trace_timeline_says_how_the_cuda_peak_differs(write_scenario, tmp_path, monkeypatch):
+    from peftprof.scenario import load_scenario
+    from peftprof.trace import trace_estimate
+
+    monkeypatch.setenv("PEFTPROF_CACHE", str(tmp_path / "cache"))
+    text = TRAIN_SCENARIO.format(arch=_inline("qwen3"))
+    (s,) = load_scenario(write_scenario(text.replace("seq_len = 32", 'seq_len = 32\noptimizer = "paged_adamw"')))
+    est = trace_estimate(s, device="cuda")
+    note = est["timeline"]["note"]
+    assert note.startswith(f"The timeline is the traced step's tensors; the CUDA peak of {est['peak_bytes'] / 2**20:,.3f}"
+                           " MiB adds the cuBLAS workspace (32 MiB)")
+    assert "paged optimizer states" in note or est["paged_optimizer_bytes"] == 0
+    assert "note" not in trace_estimate(s, device="cpu")["timeline"]

@@ -30,7 +30,7 @@ def test_csv_cells_never_start_a_formula():
     out = csv_text(["variant", "peak GiB"], [["=1+2", "-1.50"], ["+cmd", "+3"], ["-x", "1e5"], ["@SUM(A1)", "-.5"],
                                              ["\tx", "12%"], ["-", "-"], ["a=b", None]])
     assert out.split("\n") == ["variant,peak GiB", "'=1+2,-1.50", "'+cmd,+3", "'-x,1e5", "'@SUM(A1),-.5",
-                                "'\tx,12%", "'-,'-", "a=b,", ""]
+                                "'\tx,12%", "-,-", "a=b,", ""]  # a lone "-" marks no value: no formula
     assert csv_cell("\rx") == "'\rx" and csv_cell(-1.5) == -1.5 and csv_cell("1e-3") == "1e-3"
 
 
