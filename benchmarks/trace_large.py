@@ -20,10 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "trace_large.txt"
 TARGET_S, TARGET_RSS_GIB = 120, 2.0
 
-CASES = {
-    "llama-3.1-70b-qlora": """
+QLORA = """
 [model]
-preset = "llama-3.1-70b"
+preset = "{preset}"
 [precision]
 weights = "nf4"
 double_quant = true
@@ -36,24 +35,8 @@ target_modules = "all-linear"
 batch_size = 1
 seq_len = 2048
 gradient_checkpointing = "full"
-""",
-    "mixtral-8x7b-qlora": """
-[model]
-preset = "mixtral-8x7b"
-[precision]
-weights = "nf4"
-double_quant = true
-compute_dtype = "bf16"
-[peft]
-method = "lora"
-r = 16
-target_modules = "all-linear"
-[training]
-batch_size = 1
-seq_len = 2048
-gradient_checkpointing = "full"
-""",
-}
+"""
+CASES = {f"{preset}-qlora": QLORA.replace("{preset}", preset) for preset in ("llama-3.1-70b", "mixtral-8x7b")}
 
 NOTES = {
     "mixtral-8x7b-qlora": "weights: transformers 5 keeps Mixtral's experts as 3-D nn.Parameters, which bitsandbytes' "

@@ -364,7 +364,8 @@ def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = 
     the device terms (cuBLAS workspace; reserved and device bytes from the simulated allocator). For a family
     the analytic estimator does not model (AnalyticUnsupported) the estimate is built from the trace alone
     and says so in its `note`."""
-    from .estimate import CUDA_CUBLAS_WORKSPACE_BYTES, AnalyticUnsupported, cuda_reserved_and_device_bytes, estimate
+    from .estimate import AnalyticUnsupported, estimate
+    from .estimate.cuda import CUDA_CUBLAS_WORKSPACE_BYTES, cuda_reserved_and_device_bytes
     from .estimate.flops import DEFAULT_MFU
 
     device = device or ("cuda" if s.run.device == "auto" else s.run.device)

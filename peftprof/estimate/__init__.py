@@ -22,16 +22,8 @@ from ..results import CATEGORIES
 from ..settings import Scenario
 from . import activations as act_mod
 from . import memory as mem
-from .cuda import (  # noqa: F401  (CUDA terms live in estimate/cuda.py; re-exported for trace.py)
-    CUDA_CONTEXT_BYTES,
-    CUDA_CUBLAS_WORKSPACE_BYTES,
-    CUDA_RESERVED_FACTOR,
-    CUDA_SEGMENT_BYTES,
-    cuda_reserved_and_device_bytes,
-)
+from .cuda import CUDA_CUBLAS_WORKSPACE_BYTES, cuda_reserved_and_device_bytes
 from .flops import DEFAULT_MFU, flops_per_step
-
-MIB = 1 << 20
 
 
 class AnalyticUnsupported(UserError):

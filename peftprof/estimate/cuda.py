@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from .allocator import MIN_BLOCK_BYTES, SMALL_BUFFER_BYTES
 from .widths import BNB_8BIT_BLOCK, BNB_8BIT_MIN_SIZE, BNB_PAGED_MIN_NUMEL, FP32
 
 MIB = 1 << 20
@@ -24,10 +25,10 @@ CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + kernels, outside the allocator 
 # (benchmarks/results/allocator_ratio.md). Small models: segment granularity weighs more there; the shipped
 # qlora-7b simulates at about 1.14. `estimate --method trace --device cuda` simulates instead of using it.
 CUDA_RESERVED_FACTOR = 1.113
-CUDA_SEGMENT_BYTES = 2 * MIB  # small-pool segments are 2 MiB (c10/cuda/CUDACachingAllocator.cpp kSmallBuffer)
-# c10/cuda/CUDACachingAllocator.cpp kMinBlockSize and round_size(): every request is rounded up to a multiple
-# of 512 B (no roundup_power2_divisions by default) and allocated_bytes counts the rounded size
-CUDA_MIN_BLOCK_BYTES = 512
+# The allocator's constants (kSmallBuffer: 2 MiB small-pool segments; kMinBlockSize with round_size(): every
+# request is rounded up to a multiple of 512 B and allocated_bytes counts the rounded size), from the simulation
+CUDA_SEGMENT_BYTES = SMALL_BUFFER_BYTES
+CUDA_MIN_BLOCK_BYTES = MIN_BLOCK_BYTES
 
 
 def _round_up(n: float, to: int) -> int:
