@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import stat
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import arch as arch_mod
 from . import hub as hub_mod
+from . import rules_distributed, rules_inference, rules_peft
 from .catalog import model_presets
 from .errors import Problem, UserError, clean, show
 from .estimate.alloc_conf import ALLOWED as ALLOC_CONF_ALLOWED
 from .estimate.alloc_conf import alloc_conf_problems
 from .families import family, hub_rewrite
+from .schema import POLICY_EVERY, Collector, Key, allowed_text, check_value
 from .settings import (
     ATTENTIONS,
     AUTOCAST_KINDS,
@@ -34,6 +34,8 @@ from .settings import (
     METHODS,
     OPTIMIZERS,
     WEIGHT_KINDS,
+    DistributedSettings,
+    InferenceSettings,
     ModelSettings,
     PeftSettings,
     PrecisionSettings,
@@ -60,38 +62,11 @@ MAX_NAME_CHARS = 100
 MAX_NAME_BYTES = 200
 # control characters: C0, DEL, C1, bidirectional overrides and isolates, line and paragraph separators
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
-POLICY_EVERY = re.compile(r"every_([1-9][0-9]*)")  # ASCII digits only: "²".isdigit() but int("²") fails
-TOP_LEVEL_KEYS = ("name", "description", "model", "precision", "peft", "training", "run", "sweep")
-SECTIONS = ("model", "precision", "peft", "training", "run")
+TOP_LEVEL_KEYS = ("name", "description", "model", "precision", "peft", "training", "run", "distributed", "inference",
+                  "sweep")
+SECTIONS = ("model", "precision", "peft", "training", "run", "distributed", "inference")
 MODEL_SOURCE_KEYS = ("preset", "config", "hub", "revision")
 SOURCES = ("preset", "config", "hub")  # where a model comes from: exactly one of them (or inline keys alone)
-
-
-@dataclass(frozen=True)
-class Key:
-    """Schema of one key: kind ('int', 'float', 'bool', 'choice', 'str'), bounds, choices."""
-
-    kind: str
-    lo: float | None = None
-    hi: float | None = None
-    choices: tuple = ()
-    lo_open: bool = False
-    hi_open: bool = False
-    text: str = ""  # what is allowed, where the kind alone does not say it
-
-    def allowed(self) -> str:
-        if self.text:
-            return self.text
-        if self.kind == "str":
-            return "a string"
-        if self.kind == "choice":
-            return " | ".join(str(c) for c in self.choices)
-        if self.kind == "bool":
-            return "true | false"
-        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
-        hi = "" if self.hi is None else f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
-        kind = "integer" if self.kind == "int" else "number"
-        return " and ".join(x for x in (f"{kind} {lo}".strip(), hi) if x)
 
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -102,14 +77,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "quant_block_size": Key("choice", choices=(32, 64, 128, 256, 512, 1024, 2048, 4096)),
         "autocast": Key("choice", choices=AUTOCAST_KINDS),
     },
-    "peft": {
-        "method": Key("choice", choices=METHODS),
-        "r": Key("int", 1, 65536),
-        "alpha": Key("float", 0, 1e6, lo_open=True),
-        "dropout": Key("float", 0, 1, hi_open=True),
-        "target_modules": Key("targets"),
-        "num_virtual_tokens": Key("int", 1, 65536),
-    },
+    "peft": rules_peft.SCHEMA,
     "training": {
         "batch_size": Key("int", 1, 1_000_000),
         "seq_len": Key("int", 1, 10_000_000),
@@ -125,67 +93,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key("int", 0, 2**32 - 1),
         "cuda_alloc_conf": Key("str", text=ALLOC_CONF_ALLOWED),
     },
+    "distributed": rules_distributed.SCHEMA,
+    "inference": rules_inference.SCHEMA,
 }
-# which PEFT keys apply to which method (a key set for another method is "not applicable")
-PEFT_KEYS_BY_METHOD = {
-    "full": (), "lora": ("r", "alpha", "dropout", "target_modules"), "ia3": ("target_modules",),
-    "prompt_tuning": ("num_virtual_tokens",), "prefix_tuning": ("num_virtual_tokens",),
-}
+PEFT_KEYS_BY_METHOD = rules_peft.PEFT_KEYS_BY_METHOD
 MODEL_INT_MAX = 10_000_000
 
 
-_closest = closest
 _fmt = show  # a value as the user wrote it in TOML/JSON (true, "text", 3), cut when long
-
-
-def _num(x: float) -> str:
-    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
-
-
-def check_value(key: Key, value) -> str | None:
-    """Returns a problem message or None. Bools are not integers here; NaN and inf are rejected."""
-    if key.kind == "bool":
-        return None if isinstance(value, bool) else f"must be true or false, got {_fmt(value)}"
-    if key.kind == "choice":
-        return None if (value in key.choices and type(value) is type(key.choices[0])) else \
-            f"unknown value {_fmt(value)}{_closest(str(value), map(str, key.choices))}"
-    if key.kind == "str":
-        return None if isinstance(value, str) else f"must be a string, got {_fmt(value)}"
-    if key.kind in ("int", "float"):
-        ok_type = isinstance(value, int) if key.kind == "int" else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type:
-            return f"must be {'an integer' if key.kind == 'int' else 'a number'}, got {_fmt(value)}"
-        if not math.isfinite(value):
-            return f"must be finite, got {value}"
-        if key.lo is not None and (value <= key.lo if key.lo_open else value < key.lo):
-            return f"out of range: {_fmt(value)}"
-        if key.hi is not None and (value >= key.hi if key.hi_open else value > key.hi):
-            return f"out of range: {_fmt(value)}"
-        return None
-    if key.kind == "targets":
-        if value == "all-linear":
-            return None
-        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-            return None
-        return f"must be \"all-linear\" or a non-empty list of module names, got {_fmt(value)}"
-    if key.kind == "policy":
-        if value in ("none", "full"):
-            return None
-        if isinstance(value, str) and POLICY_EVERY.fullmatch(value):
-            return None
-        if isinstance(value, str) and value.startswith("every_"):
-            return (f"{_fmt(value)}: the k of every_k must be a whole number >= 1 in the digits 0-9, "
-                    "with no leading zero")
-        return f"unknown value {_fmt(value)}"
-    raise AssertionError(key.kind)
-
-
-def _allowed(key: Key) -> str:
-    if key.kind == "targets":
-        return "\"all-linear\" or a list of module names"
-    if key.kind == "policy":
-        return "none | full | every_1, every_2, every_3 ... (every k-th decoder layer)"
-    return key.allowed()
+_closest = closest
 
 
 def read_text_file(path: Path, max_bytes: int) -> str:
@@ -212,17 +128,7 @@ def read_text_file(path: Path, max_bytes: int) -> str:
         raise ValueError("is not UTF-8 text") from None
 
 
-@dataclass
-class _Collector:
-    file: str
-    problems: list[Problem] = field(default_factory=list)
-
-    def add(self, section, key, message, allowed=None, variant=None):
-        self.problems.append(Problem(file=self.file, section=section, key=key, message=message, allowed=allowed,
-                                     variant=variant))
-
-
-def _check_model_keys(c: _Collector, model_type: str, given: dict, origin: str, source: str = "config") -> dict:
+def _check_model_keys(c: Collector, model_type: str, given: dict, origin: str, source: str = "config") -> dict:
     """Type-check architecture keys against the family schema; returns the checked ones. `origin` is "inline" or
     what the keys came from (a preset, a config file, a hub model), reported on the key `source`."""
     family = arch_mod.FAMILY_KEYS[model_type]
@@ -252,7 +158,7 @@ def _check_model_keys(c: _Collector, model_type: str, given: dict, origin: str, 
     return checked
 
 
-def _read_config_file(c: _Collector, config_file, base_dir: Path) -> dict | None:
+def _read_config_file(c: Collector, config_file, base_dir: Path) -> dict | None:
     """`config = "file.json"`: a Hugging Face config.json relative to the scenario, refused as the hub's are
     (custom code, not a decoder-only causal LM) and rewritten as they are (a multimodal wrapper -> its text
     model)."""
@@ -282,7 +188,7 @@ def _read_config_file(c: _Collector, config_file, base_dir: Path) -> dict | None
         return None
 
 
-def _model_source(c: _Collector, raw: dict, base_dir: Path) -> tuple[str | None, dict] | None:
+def _model_source(c: Collector, raw: dict, base_dir: Path) -> tuple[str | None, dict] | None:
     """(origin of the base keys, base keys) from preset, config or hub; None after a problem."""
     given = [k for k in SOURCES if raw.get(k) is not None]
     if len(given) > 1:
@@ -318,7 +224,7 @@ def _model_source(c: _Collector, raw: dict, base_dir: Path) -> tuple[str | None,
     return None, {}
 
 
-def _resolve_model(c: _Collector, raw: dict, base_dir: Path) -> ModelSettings | None:
+def _resolve_model(c: Collector, raw: dict, base_dir: Path) -> ModelSettings | None:
     if not isinstance(raw, dict):
         c.add("model", None, "must be a table")
         return None
@@ -362,7 +268,7 @@ def _resolve_model(c: _Collector, raw: dict, base_dir: Path) -> ModelSettings | 
                          config=frozen_mapping(resolved), hub=raw.get("hub"), revision=raw.get("revision"))
 
 
-def _section(c: _Collector, raw: dict, name: str) -> dict:
+def _section(c: Collector, raw: dict, name: str) -> dict:
     """Type- and range-check one plain section; returns its valid keys."""
     section = raw.get(name, {})
     if not isinstance(section, dict):
@@ -376,13 +282,13 @@ def _section(c: _Collector, raw: dict, name: str) -> dict:
             continue
         msg = check_value(schema[key], value)
         if msg:
-            c.add(name, key, msg, _allowed(schema[key]))
+            c.add(name, key, msg, allowed_text(schema[key]))
         else:
             valid[key] = tuple(value) if isinstance(value, list) else value
     return valid
 
 
-def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: str, variant_name: str,
+def _variant(c: Collector, cond: Collector, raw: dict, base_dir: Path, name: str, variant_name: str,
              overrides: tuple, model_cache: dict) -> Scenario | None:
     """Validate one variant. Problems in `c`; not-applicable keys (conditional problems) in `cond`."""
     n0 = len(c.problems)
@@ -390,11 +296,12 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
     if "model" not in raw:  # reported once, as the missing section
         model_cache[model_key] = (None, [])
     if model_key not in model_cache:
-        mc = _Collector(c.file)
+        mc = Collector(c.file)
         model_cache[model_key] = (_resolve_model(mc, raw.get("model"), base_dir), mc.problems)
     model, model_problems = model_cache[model_key]
     c.problems.extend(model_problems)
-    prec, peft, train, run = (_section(c, raw, s) for s in ("precision", "peft", "training", "run"))
+    prec, peft, train, run, dist, inf = (_section(c, raw, s) for s in (
+        "precision", "peft", "training", "run", "distributed", "inference"))
 
     weights = prec.get("weights", PrecisionSettings.weights)
     gap = None if model is None else arch_mod.analytic_gap(model.arch.model_type)
@@ -467,14 +374,18 @@ def _variant(c: _Collector, cond: _Collector, raw: dict, base_dir: Path, name: s
         if every and (len(every[1]) > 9 or int(every[1]) > a.n_layers):
             c.add("training", "gradient_checkpointing", f"{clean(policy)}: the model has only {a.n_layers} layers",
                   f"every_1 .. every_{a.n_layers}")
+    parts = rules_peft.Parts(prec=prec, peft=peft, train=train, run=run, dist=dist, inf=inf)
+    for rules in (rules_peft, rules_distributed, rules_inference):
+        rules.check(c, cond, parts, model)
     if len(c.problems) > n0 or model is None:
         return None
     return Scenario(name=variant_name, scenario=name, description=str(raw.get("description", "")),
                     source=c.file, model=model, precision=PrecisionSettings(**prec), peft=PeftSettings(**peft),
-                    training=TrainingSettings(**train), run=RunSettings(**run), overrides=overrides)
+                    training=TrainingSettings(**train), run=RunSettings(**run),
+                    distributed=DistributedSettings(**dist), inference=InferenceSettings(**inf), overrides=overrides)
 
 
-def _check_family(c: _Collector, fam, a, peft: dict, method: str, train: dict) -> None:
+def _check_family(c: Collector, fam, a, peft: dict, method: str, train: dict) -> None:
     """What a model family refuses or lacks: SDPA attention (transformers builds gemma2 eager only: an unset
     attention becomes eager, recorded in the resolved scenario; an explicit sdpa is an error), and peft's
     default target modules (none for phi3 and the MoE families: target_modules must be given)."""
@@ -490,7 +401,7 @@ def _check_family(c: _Collector, fam, a, peft: dict, method: str, train: dict) -
             c.add("peft", "target_modules", f"peft has no default for {fam.name}", ", ".join(a.linear_names))
 
 
-def _check_autocast(c: _Collector, autocast: str, weights: str, method: str) -> None:
+def _check_autocast(c: Collector, autocast: str, weights: str, method: str) -> None:
     """Combinations the libraries refuse under autocast (measured, torch 2.13): fp16 autocast's loss scaler
     cannot unscale fp16 gradients (torch/amp/grad_scaler.py _unscale_grads_: "Attempting to unscale FP16
     gradients"), which full fine-tuning of fp16 weights makes; peft's virtual tokens are concatenated with
@@ -506,7 +417,7 @@ def _check_autocast(c: _Collector, autocast: str, weights: str, method: str) -> 
               f"none | {weights}")
 
 
-def _check_positions(c: _Collector, max_positions: int, seq: int, virtual: int | None) -> None:
+def _check_positions(c: Collector, max_positions: int, seq: int, virtual: int | None) -> None:
     """seq_len, plus prompt_tuning's virtual tokens (peft prepends them to the input), must fit the
     model's positions. The allowed range is shown only where it is not empty."""
     if virtual is None:
@@ -530,7 +441,7 @@ def _model_keys(section: str) -> tuple:
     return MODEL_SOURCE_KEYS + tuple(arch_mod.ALL_MODEL_KEYS) if section == "model" else tuple(SCHEMA[section])
 
 
-def _check_text(c: _Collector, key: str, value: str, stem: bool = False) -> None:
+def _check_text(c: Collector, key: str, value: str, stem: bool = False) -> None:
     """`name` and `description` are printed in tables, reports and file names: no control characters
     (a description may span lines); the name also names the results file, so its length is bounded."""
     where = "not set, and the file name used instead " if stem else ""
@@ -552,7 +463,7 @@ def _check_text(c: _Collector, key: str, value: str, stem: bool = False) -> None
 def load_scenario(path: str | os.PathLike) -> list[Scenario]:
     """Read one scenario file into its variants; raises UserError with every problem found."""
     path = Path(path)
-    c = _Collector(str(path))
+    c = Collector(str(path))
     try:
         text = read_text_file(path, MAX_SCENARIO_BYTES)
         raw = tomllib.loads(text)
@@ -587,7 +498,7 @@ def load_scenario(path: str | os.PathLike) -> list[Scenario]:
     results: list[tuple[Scenario | None, list[Problem], list[Problem]]] = []
     names: list[str] = []
     for vname, variant_raw, combo in expand(name, base, axes):
-        vc, cond = _Collector(str(path)), _Collector(str(path))
+        vc, cond = Collector(str(path)), Collector(str(path))
         scenario = _variant(vc, cond, variant_raw, path.parent, name, vname, combo, model_cache)
         results.append((scenario, vc.problems, cond.problems))
         names.append(vname)

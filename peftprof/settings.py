@@ -16,7 +16,9 @@ FOUR_BIT_KINDS = ("int4", "fp4", "nf4")
 BNB_4BIT_KINDS = ("fp4", "nf4")  # bitsandbytes Linear4bit quant_type
 COMPUTE_DTYPES = FLOAT_KINDS
 AUTOCAST_KINDS = ("none", "bf16", "fp16")  # torch.autocast dtype of the forward and loss; "none": no autocast
-METHODS = ("full", "lora", "ia3", "prompt_tuning", "prefix_tuning")
+METHODS = ("full", "lora", "ia3", "prompt_tuning", "prefix_tuning", "loha", "lokr", "vera", "oft")
+ADAPTER_METHODS = ("lora", "ia3", "loha", "lokr", "vera", "oft")  # methods that adapt target_modules' layers
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")  # [distributed] strategy
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
 ATTENTIONS = ("sdpa", "eager")
 DEVICES = ("auto", "cpu", "cuda")
@@ -65,6 +67,11 @@ class PeftSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] | str | None = None  # None -> peft's default for the model type
     num_virtual_tokens: int = 20
+    use_dora: bool = False  # LoRA only: weight-decomposed LoRA (peft LoraConfig.use_dora)
+    use_rslora: bool = False  # LoRA only: scaling alpha / sqrt(r) (peft LoraConfig.use_rslora)
+    modules_to_save: tuple[str, ...] = ()  # modules trained in full beside the adapter (peft modules_to_save)
+    target_parameters: tuple[str, ...] = ()  # LoRA on nn.Parameters, e.g. MoE expert stacks (peft target_parameters)
+    num_adapters: int = 1  # adapters loaded on the base: one trained, the others resident
 
     def targets(self, arch: Arch) -> tuple[str, ...]:
         """Target names as peft receives them (all-linear expanded to leaf names, lm_head excluded)."""
@@ -87,7 +94,7 @@ class PeftSettings:
 
     def targeted_linears(self, arch: Arch) -> tuple[LinearSpec, ...]:
         """The linear layers (per decoder layer and model-level) that get an adapter."""
-        if self.method not in ("lora", "ia3"):
+        if self.method not in ADAPTER_METHODS:
             return ()
         names = self.targets(arch)
         return tuple(s for s in arch.layer_linears + arch.model_linears
@@ -124,6 +131,25 @@ class RunSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistributedSettings:
+    """[distributed]: data-parallel training over `world_size` ranks; estimates and measurements are per rank."""
+
+    world_size: int = 1
+    strategy: str = "ddp"  # one of STRATEGIES
+    cpu_offload: bool = False  # parameters and/or optimizer state on the host, as the strategy offers it
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceSettings:
+    """[inference]: forward-only serving instead of a training step (no optimizer, no gradients)."""
+
+    enabled: bool = False
+    merged: bool = False  # adapters merged into the base weights (peft merge_and_unload) before serving
+    max_new_tokens: int = 0  # 0: one forward pass over the prompt; > 0: generation with a KV cache
+    max_memory: str = ""  # accelerate's max_memory for the device ("" = all on the device), e.g. "2GiB"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Scenario:
     """One fully resolved variant: everything the estimator and runner need."""
 
@@ -136,6 +162,8 @@ class Scenario:
     peft: PeftSettings = PeftSettings()
     training: TrainingSettings = TrainingSettings()
     run: RunSettings = RunSettings()
+    distributed: DistributedSettings = DistributedSettings()
+    inference: InferenceSettings = InferenceSettings()
     overrides: tuple[tuple[str, object], ...] = ()  # this variant's sweep values
     not_applicable: tuple[str, ...] = field(default=())  # keys set but not applying to this variant
 
@@ -147,11 +175,14 @@ class Scenario:
                       "config": dict(self.model.config),
                       **{k: v for k in ("hub", "revision") if (v := getattr(self.model, k)) is not None}},
             "precision": asdict(self.precision), "peft": asdict(self.peft), "training": asdict(self.training),
-            "run": asdict(self.run), "overrides": {k: v for k, v in self.overrides},
+            "run": asdict(self.run), "distributed": asdict(self.distributed),
+            "inference": asdict(self.inference), "overrides": {k: v for k, v in self.overrides},
             "not_applicable": list(self.not_applicable),
         }
         if isinstance(self.peft.target_modules, tuple):
             out["peft"]["target_modules"] = list(self.peft.target_modules)
+        for key in ("modules_to_save", "target_parameters"):
+            out["peft"][key] = list(out["peft"][key])
         return out
 
     def settings_key(self) -> str:
@@ -166,7 +197,21 @@ class Scenario:
             d["precision"].pop("autocast")
         if not d["run"]["cuda_alloc_conf"]:  # the default, likewise
             d["run"].pop("cuda_alloc_conf")
+        # settings added later, dropped at their defaults so that earlier results keep their keys
+        for section, defaults in (("peft", PeftSettings()), ("distributed", DistributedSettings()),
+                                  ("inference", InferenceSettings())):
+            for key in LATER_KEYS[section]:
+                value = getattr(defaults, key)
+                if d[section][key] == (list(value) if isinstance(value, tuple) else value):
+                    d[section].pop(key)
+            if not d[section]:
+                d.pop(section)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+LATER_KEYS = {"peft": ("use_dora", "use_rslora", "modules_to_save", "target_parameters", "num_adapters"),
+              "distributed": ("world_size", "strategy", "cpu_offload"),
+              "inference": ("enabled", "merged", "max_new_tokens", "max_memory")}
 
 
 def frozen_mapping(d: dict) -> Mapping[str, object]:

@@ -205,7 +205,7 @@ def test_long_values_and_keys_are_cut_in_error_lines(tmp_path):
     assert code == 2
     assert lines == [
         f"error: {p}: {'k' * 80}… (300 characters): unknown section or key "
-        "(allowed: name, description, model, precision, peft, training, run, sweep)",
+        "(allowed: name, description, model, precision, peft, training, run, distributed, inference, sweep)",
         f"error: {p}: [model] config: unsupported model_type \"{'a' * 80}…\" (3,000,000 characters) "
         "(allowed: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, gpt2, opt, mixtral, qwen2_moe, "
         "qwen3_moe)"]

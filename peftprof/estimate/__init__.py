@@ -22,6 +22,7 @@ from ..results import CATEGORIES
 from ..settings import Scenario
 from . import activations as act_mod
 from . import memory as mem
+from . import peft_methods
 from .cuda import CUDA_CUBLAS_WORKSPACE_BYTES, cuda_reserved_and_device_bytes
 from .flops import DEFAULT_MFU, flops_per_step
 
@@ -70,7 +71,7 @@ def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], int, 
 def estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = None, mfu: float = DEFAULT_MFU) -> dict:
     """The analytic estimate of one variant, as the JSON-ready dict described in the README. Raises
     AnalyticUnsupported for a family it does not model: never a silent guess."""
-    gap = analytic_gap(s.model.arch.model_type)
+    gap = analytic_gap(s.model.arch.model_type) or peft_methods.analytic_gap(s)
     if gap:
         raise AnalyticUnsupported(f"{s.name}: {gap}; --method trace answers")
     device = device or ("cuda" if s.run.device == "auto" else s.run.device)

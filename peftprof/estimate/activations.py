@@ -11,6 +11,7 @@ import functools
 from ..arch import LinearSpec
 from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
 from . import autocast as amp
+from . import peft_methods
 from .memory import embedding_gradient_bytes, quantized_linears, quanto_group_size
 from .widths import (
     ADAPTER_BYTES_PER_ELEMENT,
@@ -185,7 +186,8 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
     lin_out = BYTES_PER_ELEMENT[lin_out_dtype]
 
     def linear(name: str, in_key: str, out_key: str) -> None:
-        saved.update(_linear_saves(s, lin[name], in_key, out_key, T, act, device, in_dtypes[in_key]))
+        plain = _linear_saves(s, lin[name], in_key, out_key, T, act, device, in_dtypes[in_key])
+        saved.update(peft_methods.linear_saves(s, lin[name], plain, in_key, T, act, device))
 
     # CPU dropout masks take their input's dtype (dropout_mask_bytes_per_element): the linear outputs here
     mask = dropout_mask_bytes_per_element(s, device) if device == "cuda" or not amp.enabled(s) else lin_out

@@ -11,7 +11,7 @@ import math
 
 from ..arch import Arch, LinearSpec
 from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
-from . import cuda
+from . import cuda, peft_methods
 from .widths import (  # noqa: F401  (re-exported: tests read them here)
     ADAPTER_BYTES_PER_ELEMENT,
     BNB_8BIT_BLOCK,
@@ -36,10 +36,11 @@ def weight_bytes(s: Scenario) -> int:
     a = s.model.arch
     p = s.precision
     if not p.is_quantized:
-        return a.n_params * BYTES_PER_ELEMENT[p.weights]
+        return a.n_params * BYTES_PER_ELEMENT[p.weights] + peft_methods.frozen_adapter_bytes(s)
     linear_weights = sum(spec.n_weight_params for spec in quantized_linears(a))
     packed = sum(math.ceil(spec.n_weight_params / 2) for spec in quantized_linears(a)) if p.is_4bit else linear_weights
-    return packed + (a.n_params - linear_weights) * non_quantized_bytes_per_element(s)
+    return (packed + (a.n_params - linear_weights) * non_quantized_bytes_per_element(s)
+            + peft_methods.frozen_adapter_bytes(s))
 
 
 def quant_constant_bytes(s: Scenario) -> int:
@@ -90,6 +91,9 @@ def _trainable_tensors(m, a) -> tuple[int, ...]:
     """Element counts of every trainable tensor, as peft creates them (LoRA A r x in and B out x r per
     targeted module; IA3 one vector per module, in_features for feed-forward ones, else out_features;
     prompt tuning n_virtual x hidden; prefix tuning n_virtual x n_layers*2*kv_dim; peft/tuners/*)."""
+    modelled = peft_methods.trainable_tensors(m, a)  # newer methods and LoRA options
+    if modelled is not None:
+        return modelled
     if m.method == "full":
         return tuple(_all_parameter_tensors(a))
     if m.method == "lora":

@@ -181,7 +181,10 @@ def _peft_config(s: Scenario):
     task = peft.TaskType.CAUSAL_LM
     if m.method == "lora":
         targets = "all-linear" if m.target_modules == "all-linear" else list(m.targets(a))
-        return peft.LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=targets, task_type=task)
+        return peft.LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=targets, task_type=task,
+                               use_dora=m.use_dora, use_rslora=m.use_rslora,
+                               modules_to_save=list(m.modules_to_save) or None,
+                               target_parameters=list(m.target_parameters) or None)
     if m.method == "ia3":
         return peft.IA3Config(target_modules=list(m.targets(a)), feedforward_modules=list(m.feedforward_targets(a)),
                               task_type=task)
