@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
-from .results import CATEGORIES, Located, bytes_problem, read_checked, show, write_atomic
+from .results import CATEGORIES, Located, bytes_problem, duplicate_problems, merge_order, read_checked, show, write_atomic
 from .textfmt import md_cell, visible
 
 GIB = 1 << 30
@@ -180,18 +180,19 @@ def render(diffs: list[VariantDiff], fmt: str, *, tolerance: float, strict: bool
     return table(headers, rows) + "\n" + summary
 
 
-def _load(paths: list[str], label: str, metric: str) -> tuple[list[dict], list]:
+def _load(paths: list[str], label: str, metric: str, empty_ok: bool = False) -> tuple[list[dict], list]:
+    """Records of one side, several files or directories merged (a sharded sweep: docs/sharding.md). No record
+    at all is a problem unless `empty_ok`: a gate that compares nothing fails closed (docs/gate.md)."""
+    from pathlib import Path
+
     located, problems = read_checked(paths)
-    first: dict[str, Located] = {}
     for loc in located:
-        name = loc.record["variant"]
-        if name in first:
-            problems.append(f"{loc.path}: {loc.where}: variant {_name(loc.record)} appears more than once in "
-                            f"{label} (first at {first[name].path}: {first[name].where})")
-        else:
-            first[name] = loc
         problems += field_problems(loc, metric)
-    return [loc.record for loc in located], problems
+    problems += duplicate_problems(located, label)
+    if not located and not problems and not empty_ok:
+        problems.append(f"{', '.join(map(str, paths))}: {label} holds no results (allowed: at least one variant; "
+                        "a gate that compares nothing fails)")
+    return [loc.record for loc in merge_order(located, all(Path(p).is_dir() for p in paths))], problems
 
 
 def load(paths: list[str], label: str, metric: str = "estimated") -> list[dict]:
@@ -202,15 +203,24 @@ def load(paths: list[str], label: str, metric: str = "estimated") -> list[dict]:
     return records
 
 
-def load_inputs(current: list[str], baseline: str | None, metric: str) -> tuple[list[dict], list[dict]]:
-    """(CURRENT, BASELINE) records, with the problems of both reported together; no baseline: []."""
+def load_inputs(current: list[str], baseline: str | None, metric: str,
+                update: bool = False) -> tuple[list[dict], list[dict]]:
+    """(CURRENT, BASELINE) records, with the problems of both reported together; no baseline: []. An empty
+    BASELINE, or one that shares no variant with CURRENT, is accepted only with `update` (it is about to be
+    written): otherwise the gate would compare nothing."""
     cur, problems = _load(current, "CURRENT", metric)
     base: list[dict] = []
     if baseline is not None:
-        base, more = _load([baseline], "BASELINE", metric)
+        base, more = _load([baseline], "BASELINE", metric, empty_ok=update)
         problems += more
     if problems:
         raise UserError(list(dict.fromkeys(problems)))  # one file given as both: each problem once
+    names = {r["variant"] for r in cur}
+    if base and not update and not any(r["variant"] in names for r in base):
+        raise UserError(f"{', '.join(map(str, current))} and {baseline}: no variant is on both sides (CURRENT "
+                        f"{len(cur)}, e.g. {_name(cur[0])}; BASELINE {len(base)}, e.g. {_name(base[0])}) (allowed: "
+                        "at least one variant in both, a gate that compares nothing fails; --update writes CURRENT "
+                        "as the baseline)")
     return cur, base
 
 

@@ -17,13 +17,18 @@ import os
 import sys
 from pathlib import Path
 
+from . import report_distributed as dist
+from . import report_inference as serving
 from .errors import UserError
 from .report_explain import EXPLAIN_JS, advice_html, biggest_category, explain_html, peak_of, unit_of, verdict_html
 from .results import (
     CATEGORIES,
     Located,
     bytes_problem,
+    duplicate_problems,
+    index_problem,
     measured_error,
+    merge_order,
     result_files,
     scan_results_file,
     show,
@@ -85,8 +90,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
         est = r["estimate"]
         rows.append({
             "#": i + 1, "variant": r["variant"], "status": status,
-            "estimated_gib": round(est["peak_bytes"] / GIB, 3),
-            "measured_gib": None if not m else round(m["peak_bytes"] / GIB, 3),
+            "estimated_peak_bytes": est["peak_bytes"],
+            "measured_peak_bytes": None if not m else m["peak_bytes"],
             "error_pct": None if err is None else round(err, 2),
             "measured_tokens_per_s": None if not m.get("tokens_per_s") else round(m["tokens_per_s"], 1),
             "predicted_tokens_per_s": None if est.get("predicted_tokens_per_s") is None
@@ -313,6 +318,8 @@ def render_html(records: list[dict], title: str) -> str:
     if sweeps:
         parts.append("<h2>Sweeps</h2>")
         parts += [_figure_html(fig, f"sweep{i}") for i, (_, fig) in enumerate(sweeps)]
+    parts.append(dist.section_html(records, unit, scale, _table_html, _figure_html))  # "" unless data-parallel
+    parts.append(serving.section_html(records, unit, scale, _table_html, _figure_html))  # "" unless serving
     parts += ["<h2>Memory per phase</h2>", _figure_html(_fig_timeline(records), "timeline"),
               "<h2>PEFT checks</h2>", _table_html(check_rows(records), "checks")]
     prov = [dict(r["provenance"], variant=r["variant"]) for r in records if r.get("provenance")]
@@ -325,12 +332,14 @@ def render_html(records: list[dict], title: str) -> str:
 
 
 def render_markdown(records: list[dict]) -> str:
+    """Two tables (summary, estimated breakdown) in the HTML report's unit: MiB when every peak is under 1 GiB."""
+    unit, scale = unit_of(records)
     rows = summary_rows(records)
-    lines = ["| variant | status | estimated GiB | measured GiB | error % | tokens/s |",
+    lines = [f"| variant | status | estimated {unit} | measured {unit} | error % | tokens/s |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        cells = [r["variant"], r["status"], f"{r['estimated_gib']:.2f}",
-                 "-" if r["measured_gib"] is None else f"{r['measured_gib']:.2f}",
+        cells = [r["variant"], r["status"], f"{r['estimated_peak_bytes'] / scale:,.2f}",
+                 "-" if r["measured_peak_bytes"] is None else f"{r['measured_peak_bytes'] / scale:,.2f}",
                  "-" if r["error_pct"] is None else f"{r['error_pct']:+.1f}",
                  "-" if r["measured_tokens_per_s"] is None else f"{r['measured_tokens_per_s']:,.0f}"]
         lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
@@ -338,11 +347,14 @@ def render_markdown(records: list[dict]) -> str:
     for r in records:
         b = r["estimate"]["breakdown"]
         lines.append(f"| {md_cell(r['variant'])} | "
-                     + " | ".join(f"{(b.get(c) or 0) / GIB:.2f}" for c in CATEGORIES) + " |")
-    return "\n".join(lines) + "\n\n(estimated breakdown, GiB)\n"
+                     + " | ".join(f"{(b.get(c) or 0) / scale:,.2f}" for c in CATEGORIES) + " |")
+    ranks = dist.markdown_lines(records, unit, scale)  # [] unless data-parallel
+    ranks += serving.markdown_lines(records, unit, scale)  # [] unless serving
+    return "\n".join(lines) + f"\n\n(estimated breakdown, {unit})\n" + "".join(line + "\n" for line in ranks)
 
 
 def render_csv(records: list[dict]) -> str:
+    """One row per variant; memory in exact bytes (`*_bytes` columns), whatever the model's size."""
     import pandas as pd
 
     rows = []
@@ -351,8 +363,10 @@ def render_csv(records: list[dict]) -> str:
         row.update({f"est_{c}_bytes": r["estimate"]["breakdown"].get(c) for c in CATEGORIES})
         m = _measured(r) or {}
         row.update({f"meas_{c}_bytes": (m.get("breakdown") or {}).get(c) for c in CATEGORIES})
+        if any(dist.is_distributed(x) for x in records):
+            row.update(dist.csv_columns(r))
         rows.append({k: csv_cell(v) for k, v in row.items()})
-    return pd.DataFrame(rows).to_csv(index=False)
+    return pd.DataFrame(rows, dtype=object).to_csv(index=False)  # object: byte counts stay integers beside blanks
 
 
 # Fields the report reads besides the schema results.py checks: (dotted path, kind); null or absent is fine.
@@ -410,6 +424,8 @@ def field_problems(loc: Located) -> list[str]:
             problems.append(f"{prefix}: measured.phases[{i}]: {show(ph)} is not an object with a \"phase\" string")
         elif ph.get("bytes") is not None and (why := bytes_problem(ph["bytes"])):
             problems.append(f"{prefix}: measured.phases[{i}].bytes: {why}")
+    if "measured" not in wrong and "scenario" not in wrong:
+        problems += dist.field_problems(loc.record, prefix)  # per-rank memory, host bytes
     for part in ("measured", "estimate"):  # the timeline and the peak's tensors (peftprof/timeline.py)
         obj = loc.record.get(part)
         if part in wrong or not isinstance(obj, dict):
@@ -426,9 +442,13 @@ def _warn(message: str) -> None:
 
 def load_records(inputs, warn=_warn) -> list[dict]:
     """Records to report. Lines (or items) that are not results are skipped and each named through `warn`;
-    the files are not modified (`peftprof run` sets such lines aside when it resumes). Unreadable files and
-    records whose fields have the wrong types: UserError naming every problem."""
-    records, problems = [], []
+    the files are not modified (`peftprof run` sets such lines aside when it resumes). Unreadable files,
+    records whose fields have the wrong types and a variant found twice among the runner results (or among the
+    estimates): UserError naming every problem. A runner record and an estimate of one variant are both kept.
+    A malformed `variant_index` is warned about and read as absent.
+    Several inputs (the directories of a sharded sweep) merge into one run's order (results.merge_order)."""
+    located: list[Located] = []
+    problems: list[str] = []
     try:
         files = result_files(inputs)
     except UserError as e:
@@ -445,9 +465,16 @@ def load_records(inputs, warn=_warn) -> list[dict]:
             warn(f"{f}: {b.where}: {b.reason}; skipped (the file is left as it is)")
         for loc in good:
             problems += field_problems(loc)
-            records.append(loc.record)
+            if why := index_problem(loc.record):
+                warn(f"{f}: {loc.where}: variant {visible(loc.record['variant'])}: {why}")
+            located.append(loc)
+    # runner results and estimate JSON of one variant are reported side by side; two of one kind are an error
+    runs = [loc for loc in located if "status" in loc.record]
+    problems += duplicate_problems(runs, "the inputs") + duplicate_problems(
+        [loc for loc in located if "status" not in loc.record], "the inputs")
     if problems:
         raise UserError(problems)
+    records = [loc.record for loc in merge_order(located, all(Path(p).is_dir() for p in inputs))]
     if not records:
         raise UserError(f"{', '.join(map(str, inputs))}: no results to report")
     return records

@@ -241,19 +241,86 @@ def read_results_file(path: str | os.PathLike) -> list[dict]:
 
 
 def result_files(paths) -> list[Path]:
-    """The files behind `paths`: each file itself, each directory's *.jsonl and *.json (sorted)."""
-    out, problems = [], []
+    """The files behind `paths`: each file itself, each directory's *.jsonl and *.json (sorted); a file reached
+    twice (given twice, or given and inside a given directory) is read once."""
+    out, problems, seen = [], [], set()
     for p in map(Path, paths):
         if p.is_dir():
             files = sorted([*p.glob("*.jsonl"), *p.glob("*.json")])
             if not files:
                 problems.append(f"{p}: no *.jsonl or *.json results in this directory")
-            out.extend(files)
         else:
-            out.append(p)
+            files = [p]
+        for f in files:
+            try:
+                same = f.resolve()
+            except (OSError, RuntimeError):  # a symlink loop: the reader says what is wrong
+                same = f
+            if same not in seen:
+                seen.add(same)
+                out.append(f)
     if problems:
         raise UserError(problems)
     return out
+
+
+def duplicate_problems(located: list[Located], label: str) -> list[str]:
+    """A variant may come from one record of the inputs only (docs/sharding.md): one line per extra record."""
+    first: dict[str, Located] = {}
+    out = []
+    for loc in located:
+        name = loc.record["variant"]
+        if name not in first:
+            first[name] = loc
+            continue
+        f = first[name]
+        hint = "" if f.path == loc.path else "; a variant comes from one input only: leave out the stale file"
+        out.append(f"{loc.path}: {loc.where}: variant {visible(name)} appears more than once in {label} "
+                   f"(first at {f.path}: {f.where}){hint}")
+    return out
+
+
+def _index(rec: dict) -> int | None:
+    i = rec.get("variant_index")
+    return i if isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_BYTES else None
+
+
+def index_problem(rec: dict) -> str | None:
+    """Why a record's `variant_index` is unusable (merge_order then orders it as if it had none); None when it
+    is absent, null or a position."""
+    if rec.get("variant_index") is None or _index(rec) is not None:
+        return None
+    return (f"variant_index: {show(rec['variant_index'])} is not a position in the sweep (allowed: a whole number "
+            "from 0); ordered as if absent")
+
+
+def _scenario(rec: dict) -> str:
+    """The scenario a record belongs to (its `scenario.scenario`), as a hashable key."""
+    sc = rec.get("scenario")
+    name = sc.get("scenario") if isinstance(sc, dict) else None
+    return name if isinstance(name, str) else show(name)
+
+
+def merge_order(located: list[Located], all_directories: bool) -> list[Located]:
+    """Records of several inputs in the order one run would have written them, so the results of a sweep run
+    as shards into several directories read like the unsharded run's: files of one name (one scenario's
+    results, from each shard's directory) form one group, the groups in name order when every input is a
+    directory (as one directory is read) and else in the order they are first met; within a group, the
+    records of each scenario (`scenario.scenario`: one file may hold several, e.g. a baseline written by
+    `gate --update`) in the order the scenarios are first met, and within a scenario runner records by
+    `variant_index` (their position in the scenario's sweep), then the others in reading order."""
+    names = [loc.path.name for loc in located]
+    groups = sorted(set(names)) if all_directories else list(dict.fromkeys(names))
+    rank = {n: i for i, n in enumerate(groups)}
+    scenarios = {k: i for i, k in enumerate(dict.fromkeys((loc.path.name, _scenario(loc.record)) for loc in located))}
+
+    def key(item):
+        pos, loc = item
+        i = _index(loc.record)
+        group = (rank[loc.path.name], scenarios[loc.path.name, _scenario(loc.record)])
+        return (*group, 0, i) if i is not None else (*group, 1, pos)
+
+    return [loc for _, loc in sorted(enumerate(located), key=key)]
 
 
 def read_results_located(paths) -> list[Located]:

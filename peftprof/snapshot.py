@@ -73,6 +73,18 @@ def snapshot(tracker) -> dict:
             "allocator_settings": {}, "external_annotations": []}
 
 
+def traced_snapshot_problems(variants) -> list[str]:
+    """Variants the trace cannot snapshot (`peftprof snapshot` without --run), one line each naming the file,
+    the key and what to do instead: int4 (optimum-quanto cannot quantize meta tensors) is snapshotted from a
+    measured step with --run."""
+    from .textfmt import visible
+
+    return [f"{visible(v.source)}: [precision] weights: \"int4\": variant {visible(v.name)}: the traced snapshot "
+            "cannot build int4 layers on fake tensors (optimum-quanto cannot quantize meta tensors); add --run to "
+            "snapshot a measured CPU step (allowed without --run: fp32, fp16, bf16, int8, fp4, nf4)"
+            for v in variants if v.precision.weights == "int4"]
+
+
 def write_snapshot(tracker, path) -> Path:
     """Pickle the snapshot as torch.cuda.memory._dump_snapshot does; UserError if it cannot be written."""
     path = Path(path)

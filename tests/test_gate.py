@@ -273,3 +273,33 @@ def test_markdown_and_text_keep_names_inert(tmp_path):
                        "| ok | 10.00 | 10.00 | +0.00% |  |")
     text = gate(path, "--baseline", path).output
     assert "\x1b" not in text and "\\x1b[2J" in text and text.count("\n") == 4  # header, rule, row, summary
+
+
+def test_an_empty_side_fails_closed(tmp_path):
+    base = write(tmp_path, "base.json", [record("a")])
+    empty = write(tmp_path, "empty.json", [])
+    result = gate(empty, "--baseline", base)
+    assert result.exit_code == 2  # was 0: nothing compared, "1 removed", a pass unless --strict
+    assert result.output == (f"error: {empty}: CURRENT holds no results (allowed: at least one variant; a gate that "
+                             "compares nothing fails)\n")
+    result = gate(base, "--baseline", empty)
+    assert result.exit_code == 2  # was 0: every variant "added"
+    assert result.output == (f"error: {empty}: BASELINE holds no results (allowed: at least one variant; a gate that "
+                             "compares nothing fails)\n")
+    result = gate(base, "--baseline", empty, "--update")  # an empty baseline may be written over
+    assert result.exit_code == 0 and json.loads((tmp_path / "empty.json").read_text()) == [record("a")]
+    result = gate(write(tmp_path, "e2.json", []), "--baseline", tmp_path / "new.json", "--update")
+    assert result.exit_code == 2 and not (tmp_path / "new.json").exists()
+
+
+def test_no_variant_on_both_sides_fails_closed(tmp_path):
+    # every variant added or removed: nothing is compared, which used to pass unless --strict (docs/gate.md)
+    base = write(tmp_path, "base.json", [record("old-a"), record("old-b")])
+    cur = write(tmp_path, "cur.json", [record("new-a")])
+    result = gate(cur, "--baseline", base)
+    assert result.exit_code == 2
+    assert result.output == (f"error: {cur} and {base}: no variant is on both sides (CURRENT 1, e.g. new-a; "
+                             "BASELINE 2, e.g. old-a) (allowed: at least one variant in both, a gate that compares "
+                             "nothing fails; --update writes CURRENT as the baseline)\n")
+    result = gate(cur, "--baseline", base, "--update")  # renaming every variant on purpose
+    assert result.exit_code == 0 and json.loads((tmp_path / "base.json").read_text()) == [record("new-a")]

@@ -373,3 +373,52 @@ def test_estimate_method_trace_report_has_the_timeline(tmp_path):
     assert len(tl["v"][0]["top"]) == 20
     result = CliRunner().invoke(cli, ["estimate", str(tmp_path / "tiny.toml"), "--report", str(tmp_path)])
     assert result.exit_code == 2 and "is a directory" in result.output
+
+
+def test_markdown_and_csv_show_small_peaks_in_readable_units(results):
+    recs = [json.loads(line) for line in result_lines(results)]
+    md = render_markdown(recs)
+    lines = md.splitlines()
+    assert lines[0] == "| variant | status | estimated MiB | measured MiB | error % | tokens/s |"  # was GiB: 0.00
+    est, meas = recs[0]["estimate"]["peak_bytes"], recs[0]["measured"]["peak_bytes"]
+    assert lines[2].startswith(f"| tiny[peft.r=2] | ok | {est / 2**20:,.2f} | {meas / 2**20:,.2f} |")
+    assert f"{est / 2**20:,.2f}" != "0.00" and md.endswith("(estimated breakdown, MiB)\n")
+    weights = recs[0]["estimate"]["breakdown"]["weights"]
+    assert lines[7].startswith(f"| tiny[peft.r=2] | {weights / 2**20:,.2f} |")
+    big = copy.deepcopy(recs[0])
+    big["estimate"]["peak_bytes"] = big["measured"]["peak_bytes"] = 3 << 30
+    assert render_markdown([big]).splitlines()[0].startswith("| variant | status | estimated GiB | measured GiB |")
+    out = CliRunner().invoke(cli, ["report", str(results), "--format", "csv", "-o", "-"]).output
+    df = pd.read_csv(io.StringIO(out))
+    assert list(df["estimated_peak_bytes"]) == [r["estimate"]["peak_bytes"] for r in recs]  # exact bytes
+    assert list(df["measured_peak_bytes"]) == [r["measured"]["peak_bytes"] for r in recs]
+
+
+def test_an_estimate_and_a_run_of_one_variant_are_reported_together(results, estimates, tmp_path):
+    # `report` takes "runner results and/or estimate JSON": one variant in both is two rows, as before sharding
+    result = report(results, estimates, "-o", tmp_path / "r.md", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("| tiny[peft.r=2] |")]
+    assert [row.split(" | ")[1] for row in rows[:2]] == ["ok", "estimate"]  # the summary, then the breakdown
+    # two runner results (or two estimates) of one variant are still an error
+    twin = tmp_path / "again.json"
+    twin.write_text(estimates.read_text())
+    result = report(estimates, twin, "-o", tmp_path / "r2.md")
+    assert result.exit_code == 2 and "variant tiny[peft.r=2] appears more than once in the inputs" in result.output
+
+
+@pytest.mark.parametrize("index", ["5", "-1", "true", "1.5"])
+def test_a_malformed_variant_index_is_warned_about_and_read_as_absent(results, tmp_path, index):
+    lines = result_lines(results)
+    recs = [json.loads(line) for line in lines]
+    recs[0]["variant_index"] = json.loads(index)  # r=2 first, r=8 at index 1 after it
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    result = report(path, "-o", tmp_path / "r.md", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    warning = (f"warning: {path}: line 1: variant tiny[peft.r=2]: variant_index: {index} is not a position in the "
+               "sweep (allowed: a whole number from 0); ordered as if absent")
+    assert result.stderr.splitlines() == ([] if index == "5" else [warning])
+    md = (tmp_path / "r.md").read_text()
+    # r=8 (index 1) first: a valid 5 comes after it, and so does a record without a usable index (-1 would not)
+    assert md.index("| tiny[peft.r=8] |") < md.index("| tiny[peft.r=2] |")

@@ -96,3 +96,15 @@ def test_snapshot_command_refuses_a_file_as_directory(run, tmp_path):
     result = CliRunner().invoke(cli, ["snapshot", str(d / "snap.toml"), "-o", str(tmp_path / "f")])
     assert result.exit_code == 2
     assert result.output == f"error: {tmp_path / 'f'}: is not a directory; give -o a directory for the snapshots\n"
+
+
+def test_int4_without_run_points_to_an_option_snapshot_has(tmp_path):
+    path = tmp_path / "i4.toml"
+    path.write_text(TINY.replace('weights = "fp32"', 'weights = "int4"').replace('name = "snap"', 'name = "i4"'))
+    result = CliRunner().invoke(cli, ["snapshot", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "--method" not in result.output  # was "use --method analytic", an option snapshot does not have
+    assert result.output == (f'error: {path}: [precision] weights: "int4": variant i4: the traced snapshot cannot '
+                             "build int4 layers on fake tensors (optimum-quanto cannot quantize meta tensors); add "
+                             "--run to snapshot a measured CPU step (allowed without --run: fp32, fp16, bf16, int8, "
+                             "fp4, nf4)\n")

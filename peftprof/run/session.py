@@ -9,6 +9,11 @@ steps, memory cap); a different option runs it again.
 Ctrl-C (SIGINT) and SIGTERM stop a sweep the same way: the variant in progress is abandoned, the finished ones
 are saved; the CLI then exits 130 (SIGINT) or 143 (SIGTERM). A results write that fails after training keeps
 the measurement in a file in the system temp directory and says where; the sweep stops there.
+
+Sharding (`--shard K/N`, docs/sharding.md): shard K (1-based) runs the variants at positions K-1, K-1+N, ... of
+the expansion order of all scenarios given (file by file, each file's sweep in its own order). Every record
+carries `variant_index`, its position in its scenario's expansion, so records of several shards merge back
+into the unsharded order (peftprof.results.merge_order).
 """
 
 from __future__ import annotations
@@ -58,6 +63,39 @@ def results_path(out_dir: Path, scenario_name: str) -> Path:
     return Path(out_dir) / f"{safe}.jsonl"
 
 
+MAX_SHARDS = 100_000
+SHARD_ALLOWED = "allowed: K/N with whole numbers 1 <= K <= N <= 100000, e.g. 1/4 ... 4/4"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'2/4' -> (2, 4): shard K of N, K counted from 1. ValueError (one line) otherwise."""
+    k, sep, n = str(text).strip().partition("/")
+    if not sep or not k.strip().isdecimal() or not n.strip().isdecimal() or len(k) > 6 or len(n) > 6:
+        raise ValueError(f"{show(str(text), 40)} is not K/N ({SHARD_ALLOWED})")
+    k_i, n_i = int(k), int(n)
+    if not 1 <= n_i <= MAX_SHARDS:
+        raise ValueError(f"{show(str(text), 40)}: N = {n_i} shards ({SHARD_ALLOWED})")
+    if not 1 <= k_i <= n_i:
+        raise ValueError(f"{show(str(text), 40)}: K = {k_i} is not a shard of 1..{n_i} (K counts from 1; "
+                         f"{SHARD_ALLOWED})")
+    return k_i, n_i
+
+
+def variant_indices(variants: list[Scenario]) -> dict[str, int]:
+    """Each variant's position in its scenario's expansion (0-based), by variant name."""
+    seen: dict[str, int] = {}
+    out = {}
+    for v in variants:
+        out[v.name] = seen.get(v.scenario, 0)
+        seen[v.scenario] = out[v.name] + 1
+    return out
+
+
+def shard_of(variants: list[Scenario], k: int, n: int) -> list[Scenario]:
+    """Shard k of n (k from 1): every n-th variant starting at position k-1 of the expansion order."""
+    return variants[k - 1::n]
+
+
 def lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
@@ -98,8 +136,21 @@ def check_outputs(variants: list[Scenario], out_dir: str | Path) -> list[str]:
     except OSError as e:
         return [f"--out: cannot write in {out}: {e.strerror or e}"]
     problems, seen, name_max = [], set(), _name_max(out)
+    owner: dict[str, Scenario] = {}  # results file name (case-folded) -> the first scenario writing it
+    clashes: set[tuple[str, str]] = set()
     for v in variants:
         path = results_path(out, v.scenario)
+        first = owner.setdefault(path.name.casefold(), v)
+        if first.scenario != v.scenario:  # "co b" and "co_b" (or "A" and "a" on macOS) would share one file
+            if (first.scenario, v.scenario) not in clashes:
+                clashes.add((first.scenario, v.scenario))
+                other = results_path(out, first.scenario)
+                where = str(path) if other == path else f"{other} and {path.name}: one file where case is ignored"
+                problems.append(f"{v.source}: name: scenario {show(v.scenario, 40)} and scenario "
+                                f"{show(first.scenario, 40)} of {first.source} would write one results file "
+                                f"({where}) (allowed: names that differ in a letter beyond case, a digit, '-', '_' "
+                                "or '.'; every other character becomes '_')")
+            continue
         if path in seen:
             continue
         seen.add(path)
@@ -216,10 +267,12 @@ def is_done(old: dict | None, v: Scenario, options: dict) -> bool:
 
 def run_scenarios(variants: list[Scenario], *, out_dir: str | Path, device: str, steps: int | None = None,
                   force: bool = False, max_memory: int | None = None, progress: bool = True,
-                  fault: dict[str, str] | None = None, isolate: bool | None = None, target=None) -> Outcome:
+                  fault: dict[str, str] | None = None, isolate: bool | None = None, target=None,
+                  indices: dict[str, int] | None = None) -> Outcome:
     """Returns Outcome(records of these variants, result files, interrupted). `fault` maps a variant name to a
     phase in which to inject an out-of-memory (tests). `isolate` runs each variant in its own process (default:
-    on for cuda); `target` is the function that process runs instead of run_variant (tests)."""
+    on for cuda); `target` is the function that process runs instead of run_variant (tests). `indices`: each
+    variant's position in its scenario's whole expansion (a shard runs part of it; default: these variants')."""
     from tqdm import tqdm
 
     from . import runner
@@ -240,6 +293,7 @@ def run_scenarios(variants: list[Scenario], *, out_dir: str | Path, device: str,
     if problems:
         raise UserError(problems)
     isolate = device == "cuda" if isolate is None else isolate
+    indices = variant_indices(variants) if indices is None else indices
     records: list[dict] = []
     failures: list[str] = []
     bar = tqdm(total=len(variants), file=sys.stderr, disable=not progress, unit="variant", dynamic_ncols=True)
@@ -247,9 +301,9 @@ def run_scenarios(variants: list[Scenario], *, out_dir: str | Path, device: str,
     def measure(v: Scenario) -> dict:
         kw = {"device": device, "steps": steps, "max_memory": max_memory, "fault": (fault or {}).get(v.name),
               "progress": lambda msg: bar.set_postfix_str(msg)}
-        if isolate:
-            return runner.run_variant_isolated(v, target=target, **kw)
-        return runner.run_variant(v, **kw)
+        rec = runner.run_variant_isolated(v, target=target, **kw) if isolate else runner.run_variant(v, **kw)
+        rec["variant_index"] = indices[v.name]
+        return rec
 
     def sweep() -> None:
         for path, group in by_file.items():
@@ -257,8 +311,18 @@ def run_scenarios(variants: list[Scenario], *, out_dir: str | Path, device: str,
                 options = runner.run_options(v, device=device, steps=steps, max_memory=max_memory)
                 old = existing[path].get(v.name)
                 if not force and is_done(old, v, options):
+                    index = old.get("variant_index")
+                    if isinstance(index, bool) or index != indices[v.name]:  # written before variant_index, or
+                        old = {**old, "variant_index": indices[v.name]}  # the sweep around it changed: renumber
+                        with deferred_signals():
+                            try:
+                                save_record(path, old)
+                            except (OSError, UserError) as e:
+                                failures.append(rescue(path, old, e))
                     records.append(old)
                     bar.update(1)
+                    if failures:
+                        return
                     continue
                 bar.set_description(v.name[-60:])
                 rec = None
@@ -290,12 +354,15 @@ def run_scenarios(variants: list[Scenario], *, out_dir: str | Path, device: str,
 
 def run_all(variants: list[Scenario], *, device: str | None, out_dir: str | Path, steps: int | None = None,
             force: bool = False, max_memory: int | None = None, progress: bool = True,
-            isolate: bool | None = None) -> Outcome:
+            isolate: bool | None = None, shard: tuple[int, int] | None = None) -> Outcome:
     """`peftprof run`: group the variants by device (`device` overrides each scenario's run.device), check
     every device and the outputs before training anything (all problems at once, UserError), then run the
-    groups until one is interrupted or a results write fails."""
+    groups until one is interrupted or a results write fails. `shard` (K, N): run only shard K of N
+    (`shard_of`); the outputs are checked for every variant, so every shard refuses the same sweep."""
     from .runner import resolve_device
 
+    indices = variant_indices(variants)
+    everything, variants = variants, variants if shard is None else shard_of(variants, *shard)
     by_device: dict[str, list[Scenario]] = {}
     for v in variants:
         by_device.setdefault(device or v.run.device, []).append(v)
@@ -307,13 +374,13 @@ def run_all(variants: list[Scenario], *, device: str | None, out_dir: str | Path
             problems += [f"--device: {e}"] if device else [
                 f'{src}: [run] device: "{dev}": torch sees no CUDA device (allowed on this machine: auto, cpu)'
                 for src in dict.fromkeys(v.source for v in group)]
-    problems += check_outputs(variants, out_dir)
+    problems += check_outputs(everything, out_dir)
     if problems:
         raise UserError(problems)
     records, files, failures, signum = [], [], [], None
     for dev, group in by_device.items():
         outcome = run_scenarios(group, out_dir=out_dir, device=resolved[dev], steps=steps, force=force,
-                                max_memory=max_memory, progress=progress, isolate=isolate)
+                                max_memory=max_memory, progress=progress, isolate=isolate, indices=indices)
         records += outcome.records
         files += outcome.files
         failures += outcome.problems
