@@ -144,27 +144,16 @@ def _in_registry(config: dict) -> bool:
 
 def causal_lm_problem(config: dict) -> str | None:
     """Why a config.json cannot be profiled as a decoder-only causal LM (None: it can): a `refusal`, or a
-    model_type outside the registry that transformers does not build as a causal LM."""
+    model_type outside the registry that transformers does not build as one (families/generic.py
+    type_problem: the one rule the scenario loader also applies)."""
     problem = refusal(config)
     if problem:
         return problem
     if hub_rewrite(config).get("model_type") in REGISTRY:
         return None
-    return _transformers_problem(config["model_type"])
+    from .families import generic
 
-
-def _transformers_problem(model_type: str) -> str | None:
-    """A model_type outside the registry must be one transformers builds as a causal LM from its config."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if model_type not in CONFIG_MAPPING_NAMES:
-        import transformers
-
-        return f"model_type {model_type!r} is unknown to transformers {transformers.__version__}"
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return f"{model_type} has no causal-LM head in transformers (not a decoder-only causal LM)"
-    return None
+    return generic.type_problem(config["model_type"])
 
 
 def hub_config(repo_id: str, revision: str | None = None) -> tuple[dict, Path]:

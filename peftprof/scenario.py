@@ -21,7 +21,7 @@ from .catalog import model_presets
 from .errors import Problem, UserError, clean, show
 from .estimate.alloc_conf import ALLOWED as ALLOC_CONF_ALLOWED
 from .estimate.alloc_conf import alloc_conf_problems
-from .families import family, hub_rewrite
+from .families import ANY_CAUSAL_LM, REGISTRY, family, generic, hub_rewrite
 from .schema import POLICY_EVERY, Collector, Key, allowed_text, check_value
 from .settings import (
     ATTENTIONS,
@@ -47,6 +47,7 @@ from .settings import (
 )
 from .sweep import closest, collect_problems, expand, sweep_axes
 from .trace import MAX_TRACED_LAYER_PASSES
+from .vision import rules as vision_rules
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -224,17 +225,36 @@ def _model_source(c: Collector, raw: dict, base_dir: Path) -> tuple[str | None, 
     return None, {}
 
 
-def _resolve_model(c: Collector, raw: dict, base_dir: Path) -> ModelSettings | None:
-    if not isinstance(raw, dict):
-        c.add("model", None, "must be a table")
-        return None
+def _check_model_key_names(c: Collector, raw: dict, model_type) -> None:
+    """Inline [model] keys must be source keys or architecture keys: a registry family's (any of them), or
+    for a generic causal LM the fields of its transformers config class (families/generic.py)."""
+    if isinstance(model_type, str) and model_type not in REGISTRY and generic.type_reason(model_type) is None:
+        cls = generic.config_class(model_type).__name__
+        for key in raw:
+            if key not in MODEL_SOURCE_KEYS and key != "model_type" and not generic.accepts_key(model_type, key):
+                fields = generic.config_fields(model_type)
+                c.add("model", key, f"does not apply to model_type {model_type!r} ({cls} has no such field)"
+                      f"{_closest(key, fields)}", ", ".join(MODEL_SOURCE_KEYS + fields))
+        return
     known = MODEL_SOURCE_KEYS + tuple(arch_mod.ALL_MODEL_KEYS)
     for key in raw:
         if key not in known:
             c.add("model", key, f"unknown key{_closest(key, known)}", "preset, config, hub, revision, or HF "
                   "architecture keys: " + ", ".join(arch_mod.ALL_MODEL_KEYS))
+
+
+def _resolve_model(c: Collector, raw: dict, base_dir: Path) -> ModelSettings | None:
+    if not isinstance(raw, dict):
+        c.add("model", None, "must be a table")
+        return None
     n_problems = len(c.problems)
+    # a config or hub model's type is known only once its config.json is read
+    type_from_source = "model_type" not in raw and any(raw.get(k) is not None for k in ("config", "hub"))
+    if not type_from_source:
+        _check_model_key_names(c, raw, raw.get("model_type"))
     found = _model_source(c, raw, base_dir)
+    if type_from_source:
+        _check_model_key_names(c, raw, None if found is None else found[1].get("model_type"))
     if found is None or len(c.problems) > n_problems:
         return None
     origin, base = found
@@ -244,10 +264,8 @@ def _resolve_model(c: Collector, raw: dict, base_dir: Path) -> ModelSettings | N
         c.add("model", "model_type", f"{_fmt(raw['model_type'])} differs from the {source}'s "
               f"{_fmt(base.get('model_type'))}")
         return None
-    if model_type not in arch_mod.SUPPORTED_MODEL_TYPES:
-        c.add("model", "model_type" if "model_type" in raw or not base else source,
-              f"unsupported model_type {_fmt(model_type)}", ", ".join(arch_mod.SUPPORTED_MODEL_TYPES))
-        return None
+    if not isinstance(model_type, str) or model_type not in REGISTRY:
+        return _resolve_generic(c, raw, base, origin, source, model_type)
     given = _check_model_keys(c, model_type, base, origin or "inline", source or "config")
     inline = {k: v for k, v in raw.items() if k not in MODEL_SOURCE_KEYS}
     given.update(_check_model_keys(c, model_type, inline, "inline"))
@@ -266,6 +284,56 @@ def _resolve_model(c: Collector, raw: dict, base_dir: Path) -> ModelSettings | N
     config_file = raw.get("config")
     return ModelSettings(preset=raw.get("preset"), config_file=str(config_file) if config_file else None,
                          config=frozen_mapping(resolved), hub=raw.get("hub"), revision=raw.get("revision"))
+
+
+def _resolve_generic(c: Collector, raw: dict, base: dict, origin: str | None, source: str | None,
+                     model_type) -> ModelSettings | None:
+    """A model_type outside the registry: any decoder-only causal LM that transformers builds from its config
+    (families/generic.py). The config goes to transformers' config class as given (it validates it); the
+    sizes that make the model's scale must be given; the Arch is read off the model built on meta."""
+    n0 = len(c.problems)
+    where = "model_type" if "model_type" in raw or not base else source
+    reason = generic.type_reason(model_type)
+    if reason:
+        c.add("model", where, f"unsupported model_type {_fmt(model_type)}: {reason}",
+              f"{', '.join(REGISTRY)}, or {ANY_CAUSAL_LM}")
+        return None
+    inline = {k: v for k, v in raw.items() if k not in MODEL_SOURCE_KEYS}
+    for key, value in inline.items():  # the config is written into results and estimate JSON
+        if bad := generic.non_json(value, key):
+            c.add("model", key, f"{bad[0]} is a TOML {type(bad[1]).__name__} ({bad[1]}), which a model config "
+                  "cannot hold", "strings, numbers, booleans, arrays and tables of them")
+    config = {**generic.config_fields_from(base), **inline, "model_type": model_type}
+    in_source = f" (in {clean(origin)})" if source in ("config", "hub") else ""
+    missing = generic.missing_keys(model_type, config)
+    if missing:
+        c.add("model", missing[0] if len(missing) == 1 and not in_source else None,
+              f"missing required architecture keys: {', '.join(missing)}{in_source}; transformers' "
+              f"{generic.config_class(model_type).__name__} would default them to a full-size model")
+    aliases = generic.config_class(model_type).attribute_map
+    for key in generic.required_keys(model_type):
+        name = key if key in config else aliases.get(key)
+        if name in config:
+            size = Key("int", 1, MODEL_INT_MAX)
+            msg = check_value(size, config[name])
+            if msg:
+                c.add("model", name if name in inline else source, msg if name in inline else
+                      f"{clean(origin)}: {name} {msg}", size.allowed())
+    if len(c.problems) > n0:
+        return None
+    try:
+        arch_mod.build_arch(config)
+    except generic.ConfigRejected as e:
+        key = e.field if e.field in inline else (source if source in ("config", "hub") else None)
+        c.add("model", key, f"{clean(origin)}: {e}" if key == source and source else str(e))
+        return None
+    except ValueError as e:
+        c.add("model", source if source in ("config", "hub") else None,
+              f"{clean(origin)}: {e}" if source in ("config", "hub") else str(e))
+        return None
+    config_file = raw.get("config")
+    return ModelSettings(preset=raw.get("preset"), config_file=str(config_file) if config_file else None,
+                         config=frozen_mapping(config), hub=raw.get("hub"), revision=raw.get("revision"))
 
 
 def _section(c: Collector, raw: dict, name: str) -> dict:
@@ -375,7 +443,7 @@ def _variant(c: Collector, cond: Collector, raw: dict, base_dir: Path, name: str
             c.add("training", "gradient_checkpointing", f"{clean(policy)}: the model has only {a.n_layers} layers",
                   f"every_1 .. every_{a.n_layers}")
     parts = rules_peft.Parts(prec=prec, peft=peft, train=train, run=run, dist=dist, inf=inf)
-    for rules in (rules_peft, rules_distributed, rules_inference):
+    for rules in (rules_peft, rules_distributed, rules_inference, vision_rules):
         rules.check(c, cond, parts, model)
     if len(c.problems) > n0 or model is None:
         return None
@@ -395,6 +463,9 @@ def _check_family(c: Collector, fam, a, peft: dict, method: str, train: dict) ->
         elif train["attention"] == "sdpa":
             c.add("training", "attention", f"transformers builds {fam.name} with eager attention only (it refuses "
                   "sdpa)", "eager")
+    if getattr(fam, "checkpointing", True) is False and train.get("gradient_checkpointing", "none") != "none":
+        c.add("training", "gradient_checkpointing", f"transformers' {fam.name} model does not support gradient "
+              "checkpointing", "none")
     if method in ("lora", "ia3") and peft.get("target_modules") is None:
         default = fam.ia3_targets if method == "ia3" else fam.lora_targets
         if default is None:
@@ -437,8 +508,17 @@ def _check_positions(c: Collector, max_positions: int, seq: int, virtual: int | 
               f"<= {max_positions - 1} with prompt_tuning" if max_positions > 1 else None)
 
 
-def _model_keys(section: str) -> tuple:
-    return MODEL_SOURCE_KEYS + tuple(arch_mod.ALL_MODEL_KEYS) if section == "model" else tuple(SCHEMA[section])
+def _model_keys(section: str, model=None, base_dir: Path | None = None) -> tuple:
+    """The keys a [sweep] may vary in `section`; for [model] of a generic model_type (given inline or by its
+    config file `model`), its transformers config class's fields."""
+    if section != "model":
+        return tuple(SCHEMA[section])
+    model_type = model.get("model_type") if isinstance(model, dict) else None
+    if model_type is None and isinstance(model, dict) and isinstance(model.get("config"), str) and base_dir:
+        model_type = (_read_config_file(Collector(""), model["config"], base_dir) or {}).get("model_type")
+    if isinstance(model_type, str) and model_type not in REGISTRY and generic.type_reason(model_type) is None:
+        return MODEL_SOURCE_KEYS + tuple(k for k in generic.accepted_keys(model_type) if k not in MODEL_SOURCE_KEYS)
+    return MODEL_SOURCE_KEYS + tuple(arch_mod.ALL_MODEL_KEYS)
 
 
 def _check_text(c: Collector, key: str, value: str, stem: bool = False) -> None:
@@ -490,7 +570,8 @@ def load_scenario(path: str | os.PathLike) -> list[Scenario]:
         if "name" not in raw:
             _check_text(c, "name", name, stem=True)
     # a bad [sweep] does not hide the rest: the valid axes are still expanded and every variant checked
-    axes, sweep_ok = sweep_axes(c.add, raw.get("sweep"), SECTIONS, _model_keys)
+    axes, sweep_ok = sweep_axes(c.add, raw.get("sweep"), SECTIONS,
+                                lambda section: _model_keys(section, raw.get("model"), path.parent))
 
     base = {s: dict(raw[s]) if isinstance(raw.get(s), dict) else raw.get(s) for s in SECTIONS if s in raw}
     base["description"] = raw.get("description", "")

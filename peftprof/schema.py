@@ -78,6 +78,10 @@ def check_value(key: Key, value) -> str | None:
                 return f"lists a name twice: {_fmt(value)}"
             return None
         return f"must be a non-empty list of names, got {_fmt(value)}"
+    if key.kind == "ints":  # a list of sizes (ResNet hidden_sizes, depths)
+        if isinstance(value, list) and value and all(type(v) is int and 1 <= v <= 10_000_000 for v in value):
+            return None
+        return f"must be a non-empty list of integers from 1 to 10,000,000, got {_fmt(value)}"
     if key.kind == "policy":
         if value in ("none", "full"):
             return None

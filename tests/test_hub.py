@@ -346,3 +346,40 @@ def test_a_registry_family_that_also_publishes_auto_map_loads(hf_cache, write_sc
     (s,) = load_scenario(write_scenario('[model]\nhub = "microsoft/Phi-3.5-mini-instruct"\n[peft]\n'
                                         'target_modules = ["qkv_proj"]\n'))
     assert s.model.arch.model_type == "phi3" and "auto_map" not in s.model.config
+
+
+# tiiuae/falcon-7b's config.json as published (sizes shrunk): a model_type outside the registry, built by
+# transformers' own FalconForCausalLM through the generic path (families/generic.py)
+FALCON_TINY = {"alibi": False, "apply_residual_connection_post_layernorm": False, "architectures": ["FalconForCausalLM"],
+               "attention_dropout": 0.0, "bias": False, "bos_token_id": 11, "eos_token_id": 11, "hidden_dropout": 0.0,
+               "hidden_size": 64, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "falcon",
+               "multi_query": True, "new_decoder_architecture": False, "num_attention_heads": 4,
+               "num_hidden_layers": 2, "parallel_attn": True, "torch_dtype": "bfloat16",
+               "transformers_version": "4.27.4", "use_cache": True, "vocab_size": 300}
+
+
+def test_a_hub_model_outside_the_registry_loads_through_the_generic_path(hf_cache, write_scenario):
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    from peftprof.scenario import load_scenario
+
+    put_in_cache(hf_cache, "tiiuae/falcon-7b", FALCON_TINY)
+    (s,) = load_scenario(write_scenario('[model]\nhub = "tiiuae/falcon-7b"\n'))
+    a = s.model.arch
+    assert s.model.hub == "tiiuae/falcon-7b" and "architectures" not in s.model.config
+    keys = {k: v for k, v in FALCON_TINY.items() if k not in ("architectures", "torch_dtype", "transformers_version",
+                                                              "use_cache", "model_type")}
+    real = AutoModelForCausalLM.from_config(FalconConfig(**keys))
+    assert a.n_params == real.num_parameters()
+    # multi_query: one kv head; query_key_value 64 -> (4 + 2) x 16 (modeling_falcon.py FalconAttention)
+    assert (a.n_kv_heads, a.layer_linears[0].path, a.layer_linears[0].out_features) == (
+        1, "self_attention.query_key_value", 96)
+    assert s.peft.targets(a) == ("query_key_value",)  # peft's default for falcon
+
+
+def test_a_hub_model_outside_the_registry_without_its_sizes_exits_2(hf_cache, write_scenario):
+    put_in_cache(hf_cache, "tiiuae/falcon-7b", {k: v for k, v in FALCON_TINY.items() if k != "vocab_size"})
+    path = write_scenario('[model]\nhub = "tiiuae/falcon-7b"\n')
+    assert _validate(path) == (2, [f"error: {path}: [model]: missing required architecture keys: vocab_size (in "
+                                   "tiiuae/falcon-7b config.json); transformers' FalconConfig would default them to a "
+                                   "full-size model"])
