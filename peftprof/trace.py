@@ -37,6 +37,12 @@ class TraceTooLarge(UserError):
 
 def check_traceable(s: Scenario) -> None:
     passes = s.model.arch.n_layers * s.training.grad_accum_steps
+    if s.inference.enabled:  # a served request: one forward per generated token (run/infer.py)
+        passes = s.model.arch.n_layers * max(1, s.inference.max_new_tokens)
+        if passes > MAX_TRACED_LAYER_PASSES:
+            raise TraceTooLarge(f"{s.name}: --method trace runs at most {MAX_TRACED_LAYER_PASSES} decoder-layer "
+                                f"passes; this request needs {passes:,} ({s.model.arch.n_layers:,} layers x "
+                                f"{max(1, s.inference.max_new_tokens)} forwards)")
     if passes > MAX_TRACED_LAYER_PASSES:
         raise TraceTooLarge(f"{s.name}: --method trace runs at most {MAX_TRACED_LAYER_PASSES} decoder-layer passes "
                             f"per step; this one needs {passes:,} ({s.model.arch.n_layers:,} layers x "
@@ -238,10 +244,26 @@ def _grouped_mm_on_fake_tensors():
         moe._grouped_mm = original
 
 
+def _check_generic_family(s: Scenario) -> None:
+    """What transformers refuses for a model_type outside the registry (families/generic.py): gradient
+    checkpointing on a class without it (PreTrainedModel.supports_gradient_checkpointing, e.g. openai-gpt)."""
+    from .families import REGISTRY, family
+
+    name = s.model.arch.model_type
+    if name in REGISTRY or not s.training.checkpoint_every or getattr(family(name), "checkpointing", True):
+        return
+    raise UserError(f"{s.name}: [training] gradient_checkpointing: transformers' {name} model does not support "
+                    f"gradient checkpointing (allowed: none)")
+
+
 def trace_peak(s: Scenario, snapshot_path=None) -> dict:
     """Tensor-level peak and breakdown of a steady-state step, traced on fake tensors (CPU semantics), with
     its memory timeline and what is live at the peak (peftprof/timeline.py); `snapshot_path` receives the
     step as a torch memory snapshot (peftprof/snapshot.py)."""
+    if s.inference.enabled:  # a serving request, forward only: run/infer.py
+        from .run.infer import trace_serving
+
+        return trace_serving(s, snapshot_path)
     import logging
     import warnings
 
@@ -250,12 +272,18 @@ def trace_peak(s: Scenario, snapshot_path=None) -> dict:
 
     from .run.build import adapt, base_model, make_optimizer, model_bytes
     from .run.probe import CpuProbe
-    from .run.step import optimizer_state, registered_tensors, train_step
+    from .run.step import optimizer_state, registered_tensors, synthetic_batch, train_step
+    from .vision import is_vision
 
+    if s.distributed.world_size > 1:  # one rank under a fake process group (trace_distributed.py)
+        from .trace_distributed import trace_peak_distributed
+
+        return trace_peak_distributed(s, snapshot_path)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     warnings.filterwarnings("ignore", category=UserWarning)  # e.g. "Paged optimizers are not supported on CPU"
     check_traceable(s)
+    _check_generic_family(s)
     if s.precision.weights == "int4":
         from .arch import analytic_gap
 
@@ -281,7 +309,8 @@ def trace_peak(s: Scenario, snapshot_path=None) -> dict:
     # outside fake mode: bitsandbytes builds its real 256-entry quantization maps here (.item() calls)
     built.optimizer = make_optimizer(s, model.parameters())
     with fake_mode, _mask_decisions_as_in_real_runs(s), _grouped_mm_on_fake_tensors():
-        ids = torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len))
+        ids = torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len)) \
+            if not is_vision(s) else synthetic_batch(s, "cpu", None)  # images and labels: peftprof/vision/build.py
 
         # the runner's CPU probe, idle through the warm-up steps as in the runner; no RSS (fake tensors)
         probe = CpuProbe(vocab_size=s.model.arch.vocab_size, sample_rss=False)
@@ -400,6 +429,7 @@ def trace_estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = 
     peak = sum(breakdown.values())
     out = dict(analytic, method="trace", peak_bytes=peak, peak_phase=traced["peak_phase"], breakdown=breakdown,
                **{k: traced[k] for k in ("timeline", "at_peak") if k in traced})
+    out.update(traced.get("serving", {}))  # [inference]: KV cache, forward FLOPs (run/infer.py serving_fields)
     if device == "cuda":
         out.update(cuda_reserved_and_device_bytes(peak))
         if "timeline" in out:  # the timeline is the CPU tensor trace: say how the CUDA peak differs from it
@@ -432,7 +462,12 @@ def _trace_only_fields(s: Scenario, device: str, gpu: Gpu | None, mfu: float, tr
     Returns (fields, what the note says about FLOPs)."""
     from .estimate import memory as mem
     from .estimate.flops import flops_per_step
+    from .vision import is_vision
 
+    if is_vision(s):  # image classifiers: peftprof/vision/estimate.py
+        from .vision.estimate import trace_fields
+
+        return trace_fields(s, device, gpu, mfu, traced)
     a = s.model.arch
     out = {"method": "trace", "device": device,
            "paged_optimizer_bytes": mem.optimizer_state_bytes(s, device=device)[1], "n_params": a.n_params,
@@ -442,6 +477,8 @@ def _trace_only_fields(s: Scenario, device: str, gpu: Gpu | None, mfu: float, tr
         out["gpu"] = gpu.name
     if a.n_experts:
         return out, "flops_per_step and speed omitted: estimate/flops.py does not count expert matmuls"
+    if getattr(a, "flops_gap", None):  # a generic family whose matmuls flops.py does not count (families/generic.py)
+        return out, a.flops_gap
     out["flops_per_step"] = flops_per_step(s)
     if gpu is not None:
         step_time_s = out["flops_per_step"] / (gpu.bf16_tflops * 1e12 * mfu)

@@ -22,7 +22,7 @@ from ..estimate import AnalyticUnsupported, estimate
 from ..settings import Scenario
 from .build import build
 from .probe import make_probe, now
-from .step import inject_fault, optimizer_state, registered_tensors, synthetic_batch, train_step
+from .step import inject_fault, model_inputs, optimizer_state, registered_tensors, synthetic_batch, train_step
 from .track import SimulatedOOM
 
 # The libraries of the real stack: an error raised inside one of them is that library refusing the combination.
@@ -64,9 +64,9 @@ def _adapter_checks(built, s: Scenario, ids) -> dict:
     model = built.model
     model.eval()
     with torch.no_grad():
-        adapted = model(input_ids=ids).logits.float()
+        adapted = model(**model_inputs(ids, labels=False)).logits.float()
         with model.disable_adapter():
-            base = model(input_ids=ids).logits.float()
+            base = model(**model_inputs(ids, labels=False)).logits.float()
     model.train()
     return {"identity_max_abs_diff": float((adapted - base).abs().max())}
 
@@ -77,27 +77,27 @@ def _merge_checks(built, s: Scenario, ids, probe) -> dict:
         return {"merge_max_abs_diff": None}
     model = built.model
     model.eval()
-    one = ids[:1]
+    one = model_inputs(ids, labels=False, first=1)  # batch 1 of the ids or images
 
     def latency_ms(m) -> float:
         with torch.no_grad():
-            m(input_ids=one)
+            m(**one)
             probe.synchronize()
             t0, n = now(), 3
             for _ in range(n):
-                m(input_ids=one)
+                m(**one)
             probe.synchronize()
         return (now() - t0) / n * 1000
 
     with torch.no_grad():
-        unmerged = model(input_ids=ids).logits.float()
+        unmerged = model(**model_inputs(ids, labels=False)).logits.float()
     unmerged_ms = latency_ms(model)
     try:
         merged_model = model.merge_and_unload()
     except (ValueError, NotImplementedError, TypeError) as e:  # e.g. peft cannot merge IA3 into k-bit layers
         return {"merge_max_abs_diff": None, "unmerged_latency_ms": unmerged_ms, "merge_note": str(e)[:300]}
     with torch.no_grad():
-        merged = merged_model(input_ids=ids).logits.float()
+        merged = merged_model(**model_inputs(ids, labels=False)).logits.float()
     return {"merge_max_abs_diff": float((merged - unmerged).abs().max()), "unmerged_latency_ms": unmerged_ms,
             "merged_latency_ms": latency_ms(merged_model)}
 
@@ -174,12 +174,21 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
     measurement adds the step's memory timeline and what is live at its peak (peftprof/timeline.py), and
     `snapshot_path` receives the step as a torch memory snapshot (peftprof/snapshot.py)."""
     device = resolve_device(device)
+    if s.distributed.world_size > 1:  # one process per rank under torchrun (run/distributed.py)
+        from .distributed import run_distributed
+
+        return run_distributed(s, device=device, steps=steps, max_memory=max_memory, fault=fault, progress=progress)
     record = _base_record(s, device, run_options(s, device=device, steps=steps, max_memory=max_memory))
     est = record["estimate"]
     refused = _refused_by_estimate(est, max_memory)
     if refused is not None:
         record.update(status="oom", error={"phase": "build", "message": refused})
         return record
+    if s.inference.enabled:  # serving, forward only (run/infer.py)
+        from .infer import run_inference
+
+        return run_inference(s, record, device=device, steps=steps, max_memory=max_memory, fault=fault,
+                             progress=progress)
     steps = steps or s.run.steps
     probe = make_probe(device, cap_bytes=max_memory, vocab_size=s.model.arch.vocab_size)
     where = {"phase": "build"}

@@ -40,7 +40,8 @@ def storages_of(t: torch.Tensor) -> list:
         return [t.untyped_storage()]
     if is_traceable_wrapper_subclass(t):
         attrs, _ = t.__tensor_flatten__()
-        return [st for a in attrs for st in storages_of(getattr(t, a))]
+        # DTensor (FSDP2 parameters) also flattens to its device_mesh, which holds no storage
+        return [st for a in attrs if torch.is_tensor(v := getattr(t, a)) for st in storages_of(v)]
     return [t.untyped_storage()]
 
 
@@ -98,6 +99,14 @@ class MemoryTracker(TorchDispatchMode):
 
             self._hooks = (register_module_forward_pre_hook(self._enter_module),
                            register_module_forward_hook(self._exit_module, always_call=True))
+            self._resize, tracker = torch.UntypedStorage.resize_, self
+
+            def resize_(st, size):  # not an aten op: no dispatch mode sees it (torch's MemTracker patches it too)
+                out = tracker._resize(st, size)
+                tracker.resized(st)
+                return out
+
+            torch.UntypedStorage.resize_ = resize_
         self._depth += 1
         return super().__enter__()
 
@@ -107,6 +116,7 @@ class MemoryTracker(TorchDispatchMode):
             for h in self._hooks:
                 h.remove()
             self._hooks = ()
+            torch.UntypedStorage.resize_ = self._resize
         return super().__exit__(*exc)
 
     def _enter_module(self, module, args):
@@ -164,6 +174,19 @@ class MemoryTracker(TorchDispatchMode):
         self.events.append((uid, -1))
         self.live_bytes -= a.nbytes
 
+    def resized(self, st) -> None:
+        """A storage resized in place: FSDP2 allocates and frees unsharded parameters this way
+        (fsdp/_fully_shard/_fsdp_param.py alloc_storage/free_storage). The old size dies and the new one is born,
+        keeping a registered category (an unsharded weight stays a weight)."""
+        uid = self._seen.get(st._cdata)
+        old = None if uid is None else self.allocs[uid]
+        if uid is not None:
+            self._free(uid, st._cdata)
+        if st.nbytes():
+            new = self._add(st, old and old.category, where=self._stack[-1] if self._stack else None)
+            if old is not None and new is not None:  # the registered parameter's shape and dtype
+                self.allocs[new].shape, self.allocs[new].dtype = old.shape, old.dtype
+
     def register(self, tensors, category: str) -> None:
         """Storages that exist before tracking starts (weights, adapters, optimizer state, ...)."""
         for t in tensors:
@@ -191,7 +214,9 @@ class MemoryTracker(TorchDispatchMode):
         return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        wrapper = next((t for t in types if hasattr(t, "__tensor_flatten__")), None)
+        # DTensor (FSDP2) dispatches to its local tensors in C++: re-entering the mode there would recurse;
+        # its outputs' local storages are tracked below (as torch's MemTracker does)
+        wrapper = next((t for t in types if hasattr(t, "__tensor_flatten__") and t.__name__ != "DTensor"), None)
         if wrapper is not None:
             # a wrapper subclass (optimum-quanto's QTensors) runs its own aten ops inside its __torch_dispatch__,
             # where this mode is off: re-enter the mode so they are tracked (quanto dequantizes its weight on
