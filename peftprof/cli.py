@@ -150,12 +150,14 @@ def estimate_rows(results) -> tuple[list[str], list[list]]:
     from .textfmt import gib
 
     with_gpu = any("gpu" in e for _, e in results)
-    headers = ["variant", "peak GiB"] + list(CATEGORIES)
+    with_host = any(e.get("host_bytes") for _, e in results)  # [distributed] cpu_offload
+    headers = ["variant", "peak GiB"] + list(CATEGORIES) + (["host GiB"] if with_host else [])
     if with_gpu:
         headers += ["gpu", "fits", "headroom GiB", "tokens/s"]
     rows = []
     for v, e in results:
         row = [v.name, gib(e["peak_bytes"])] + [gib(e["breakdown"][c]) for c in CATEGORIES]
+        row += [gib(e.get("host_bytes", 0))] if with_host else []
         if with_gpu:
             row += [e["gpu"], "yes" if e["fits"] else "NO", gib(e["headroom_bytes"]),
                     "-" if e.get("predicted_tokens_per_s") is None else f"{e['predicted_tokens_per_s']:,.0f}"]
@@ -253,6 +255,11 @@ def snapshot(scenarios, out_dir, measured):
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is not a directory; give -o a directory for the snapshots")
+    if not measured:
+        from .snapshot import traced_snapshot_problems
+
+        if problems := traced_snapshot_problems(variants):
+            raise UserError(problems)
     failed = []
     for i, v in enumerate(variants, 1):
         path = out / f"{i}-{re.sub(r'[^A-Za-z0-9._=,+-]+', '_', v.name)[:120]}.pickle"
@@ -276,20 +283,24 @@ def snapshot(scenarios, out_dir, measured):
 @cli.command()
 @click.argument("scenario")
 @click.option("--gpu", "gpu_name", required=True, help="Catalogue GPU (see `peftprof presets`).")
-@click.option("--axis", type=click.Choice(["batch_size", "seq_len"]), default="batch_size", show_default=True)
+@click.option("--axis", type=click.Choice(["batch_size", "seq_len", "world_size"]), default="batch_size",
+              show_default=True, help="world_size: the fewest GPUs whose per-rank peak fits, with the file's "
+              "[distributed] strategy.")
 @click.option("--headroom", default="5%", show_default=True, help="Memory kept free: '5%' or 0.05.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None)
 @click.option("--method", type=click.Choice(["analytic", "trace"]), default="analytic", show_default=True)
 @user_errors
 def fit(scenario, gpu_name, axis, headroom, device, method):
-    """Find the largest batch size (or sequence length) that fits a GPU. Exit 1 if not even 1 fits.
+    """Find the largest batch size (or sequence length) that fits a GPU, or the fewest GPUs (--axis world_size).
+    Exit 1 if none fits.
 
     \b
     Example:
       peftprof fit scenarios/qlora-7b.toml --gpu RTX-4090 --axis seq_len --headroom 10%
+      peftprof fit my-fsdp-scenario.toml --gpu H100-80GB --axis world_size   # [distributed] strategy = "fsdp"
     """
     from .estimate import estimate as analytic
-    from .fit import largest_fitting
+    from .fit import fewest_fitting, largest_fitting
     from .results import CATEGORIES
     from .textfmt import gib, parse_fraction, table
 
@@ -307,13 +318,23 @@ def fit(scenario, gpu_name, axis, headroom, device, method):
         fn = analytic
     found_all = True
     for v in variants:
-        value, est = largest_fitting(v, gpu, axis=axis, headroom=frac,
-                                     estimate_fn=lambda s: fn(s, device=device or "cuda", gpu=gpu))
+        estimate_fn = lambda s: fn(s, device=device or "cuda", gpu=gpu)  # noqa: E731
+        if axis == "world_size":
+            value, est = fewest_fitting(v, gpu, headroom=frac, estimate_fn=estimate_fn)
+        else:
+            value, est = largest_fitting(v, gpu, axis=axis, headroom=frac, estimate_fn=estimate_fn)
         if value is None:
             found_all = False
-            click.echo(f"{v.name}: does not fit {gpu.name} even at {axis} = 1 "
+            tried = (f"on any number of GPUs with {v.distributed.strategy}" + (
+                " (DDP keeps a whole replica on every GPU)" if v.distributed.strategy == "ddp" else "")
+                     if axis == "world_size" else f"even at {axis} = 1")
+            click.echo(f"{v.name}: does not fit {gpu.name} {tried} "
                        f"(needs {gib(est.get('device_bytes', est['peak_bytes']))} GiB, "
                        f"budget {gib(gpu.memory_bytes * (1 - frac))} GiB)")
+        elif axis == "world_size":
+            click.echo(f"{v.name}: world_size = {value} ({v.distributed.strategy if value > 1 else 'one GPU'}) "
+                       f"fits {gpu.name} with {headroom} headroom (per-rank peak {gib(est['peak_bytes'])} GiB"
+                       + (f", host {gib(est['host_bytes'])} GiB per rank" if est.get("host_bytes") else "") + ")")
         else:
             click.echo(f"{v.name}: {axis} = {value} fits {gpu.name} with {headroom} headroom "
                        f"(peak {gib(est['peak_bytes'])} GiB)")
@@ -349,8 +370,11 @@ def run_summary(records) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--isolate/--no-isolate", default=None,
               help="Run each variant in its own process (default: on for cuda, off for cpu).")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Run only shard K of N (K from 1): variants K, K+N, K+2N, ... of the sweep "
+                   "(e.g. --shard $SLURM_ARRAY_TASK_ID/8); merge with `peftprof report DIR...`.")
 @user_errors
-def run(scenarios, device, out_dir, steps, force, max_memory, no_report, quiet, isolate):
+def run(scenarios, device, out_dir, steps, force, max_memory, no_report, quiet, isolate, shard):
     """Train each variant for real on synthetic tokens; measure memory per phase and speed.
 
     Results go to OUT/<scenario>.jsonl (one JSON object per variant, merged in as each finishes);
@@ -360,16 +384,22 @@ def run(scenarios, device, out_dir, steps, force, max_memory, no_report, quiet, 
     \b
     Example:
       peftprof run scenarios/quickstart.toml --device cpu
+      peftprof run scenarios/rank-sweep.toml --shard 2/4 --out reports/shard-2
     """
-    from .run.session import interrupt_exit_code, run_all, signals_as_interrupts
+    from .run.session import interrupt_exit_code, parse_shard, run_all, shard_of, signals_as_interrupts
     from .textfmt import parse_size
 
     signum = None
     try:  # Ctrl-C or SIGTERM anywhere, a second one included: the finished variants are saved; exit 130 / 143
         with signals_as_interrupts():
             cap = None if max_memory is None else _parsed("--max-memory", parse_size, max_memory)
-            outcome = run_all(_load(scenarios), device=device, out_dir=out_dir, steps=steps, force=force,
-                              max_memory=cap, progress=not quiet, isolate=isolate)
+            part = None if shard is None else _parsed("--shard", parse_shard, shard)
+            variants = _load(scenarios)
+            if part is not None and not shard_of(variants, *part):
+                click.echo(f"shard {part[0]}/{part[1]}: no variants to run (the sweep has {len(variants)})", err=True)
+                return
+            outcome = run_all(variants, device=device, out_dir=out_dir, steps=steps, force=force,
+                              max_memory=cap, progress=not quiet, isolate=isolate, shard=part)
             records, files, failures, signum = outcome.records, outcome.files, outcome.problems, outcome.signum
             click.echo(run_summary(records))
             for f in dict.fromkeys(files):  # only files that exist
@@ -454,7 +484,7 @@ def gate(current, baseline, tolerance, budget, gpu_name, metric, fmt, strict, ex
     elif gpu_name is not None:
         limit = _gpu(gpu_name).memory_bytes
     creating = update and not Path(baseline).exists()
-    cur, base = gate_mod.load_inputs(list(current), None if creating else baseline, metric)
+    cur, base = gate_mod.load_inputs(list(current), None if creating else baseline, metric, update=update)
     if creating:
         gate_mod.update_baseline(cur, baseline)
         click.echo(f"baseline {baseline} created with {len(cur)} variants")
