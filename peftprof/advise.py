@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .catalog import Gpu, gpus
 from .errors import UserError
+from .families import family
 from .settings import (
     ModelSettings,
     PeftSettings,
@@ -99,7 +100,8 @@ def _candidates(s: Scenario):
         yield ("4-bit weights", "precision.weights",
                [_replace(s, "precision", weights="nf4", double_quant=True, compute_dtype=compute)],
                f"QLoRA (NF4, double quantization); dequantization cost: {NOT_MODELLED}")
-    if f.method in ("lora", "ia3") and f.target_modules is not None:
+    default = getattr(family(a.model_type), "ia3_targets" if f.method == "ia3" else "lora_targets")
+    if f.method in ("lora", "ia3") and f.target_modules is not None and default is not None:  # peft has defaults
         fewer = _replace(s, "peft", target_modules=None)
         if len(fewer.peft.targeted_linears(a)) < len(f.targeted_linears(a)):
             yield ("target modules", "peft.target_modules", [fewer], "peft's default modules for "
@@ -139,7 +141,7 @@ def advise(s: Scenario, target: Target) -> dict:
         for new in tries:
             try:
                 est = _estimate(new, target)
-            except (ValueError, KeyError, ZeroDivisionError):  # a combination the estimator cannot size
+            except (ValueError, KeyError, ZeroDivisionError, UserError):  # a combination the estimator cannot size
                 continue
             if need_bytes(est) > target.budget_bytes:
                 continue

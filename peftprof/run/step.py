@@ -8,12 +8,31 @@ import contextlib
 import torch
 
 from ..settings import Scenario
+from ..vision import build as vision_build
+from ..vision import is_vision
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def synthetic_batch(s: Scenario, device: str, generator: torch.Generator) -> torch.Tensor:
-    """Synthetic tokens: batch_size x seq_len random ids; labels = ids."""
+def model_inputs(batch, *, labels: bool = True, first: int | None = None) -> dict:
+    """The model's keyword inputs for a synthetic batch: a causal LM's ids (labels = ids), or an image
+    classifier's dict (pixel_values, labels); `first`: only the first samples (the runner's latency check)."""
+    if isinstance(batch, dict):
+        return {k: v if first is None else v[:first] for k, v in batch.items() if labels or k != "labels"}
+    ids = batch if first is None else batch[:first]
+    return {"input_ids": ids, "labels": ids} if labels else {"input_ids": ids}
+
+
+def lead_tensor(batch) -> torch.Tensor:
+    """The batch's main tensor (its device, whether it is fake): the ids or the images."""
+    return batch["pixel_values"] if isinstance(batch, dict) else batch
+
+
+def synthetic_batch(s: Scenario, device: str, generator: torch.Generator) -> torch.Tensor | dict:
+    """Synthetic tokens: batch_size x seq_len random ids; labels = ids. An image classifier's batch is a dict of
+    random images and labels (peftprof/vision/build.py)."""
+    if is_vision(s):
+        return vision_build.synthetic_batch(s, device, generator)
     return torch.randint(0, s.model.arch.vocab_size, (s.training.batch_size, s.training.seq_len),
                          generator=generator).to(device)
 
@@ -60,12 +79,12 @@ def train_step(built, s: Scenario, ids, probe, where: dict, fault=None) -> None:
 
     # (the probe tests drive this with stand-ins that carry only training settings: no precision, no ids)
     amp = getattr(getattr(s, "precision", None), "autocast", "none") != "none"
-    device_type = ids.device.type if amp else None
+    device_type = lead_tensor(ids).device.type if amp else None
     scaler = grad_scaler(built, s, device_type) if amp else None
     for _ in range(s.training.grad_accum_steps):
         phase("forward")
         with autocast_context(s, device_type) if amp else contextlib.nullcontext():
-            outputs = built.model(input_ids=ids, labels=ids)
+            outputs = built.model(**model_inputs(ids))
         if amp:
             outputs = outputs_to_fp32(outputs)
         phase("backward")
@@ -75,7 +94,7 @@ def train_step(built, s: Scenario, ids, probe, where: dict, fault=None) -> None:
     phase("optimizer")
     if scaler is None:
         built.optimizer.step()
-    elif is_fake(ids):
+    elif is_fake(lead_tensor(ids)):
         # GradScaler.step (torch/amp/grad_scaler.py) is unscale_ then optimizer.step() unless an inf was found,
         # which it reads with .item(): fake tensors hold no values, and a steady step finds none
         scaler.unscale_(built.optimizer)
