@@ -24,15 +24,24 @@ SCHEMA: dict[str, Key] = {
     "target_parameters": Key("names"),
     "num_adapters": Key("int", 1, 1024),
 }
-# which PEFT keys apply to which method (a key set for another method is "not applicable")
+# which PEFT keys apply to which method (a key set for another method is "not applicable"). LoHa/LoKr take peft's
+# r and alpha (no input dropout: their rank/module dropouts are left at peft's 0), VeRA r and vera_dropout
+# (`dropout`, no alpha), OFT r as peft's number of blocks per layer (oft_block_size = in_features / r; peft
+# takes one of the two); peft/tuners/{loha,lokr,vera,oft}/config.py, peft 0.21.2
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "modules_to_save",
              "target_parameters", "num_adapters")
 PEFT_KEYS_BY_METHOD = {
     "full": (), "lora": LORA_KEYS, "ia3": ("target_modules",),
     "prompt_tuning": ("num_virtual_tokens",), "prefix_tuning": ("num_virtual_tokens",),
-    "loha": ("r", "alpha", "dropout", "target_modules"), "lokr": ("r", "alpha", "dropout", "target_modules"),
-    "vera": ("r", "dropout", "target_modules"), "oft": ("r", "dropout", "target_modules"),
+    "loha": ("r", "alpha", "target_modules", "modules_to_save"),
+    "lokr": ("r", "alpha", "target_modules", "modules_to_save"),
+    "vera": ("r", "dropout", "target_modules", "modules_to_save"),
+    "oft": ("r", "target_modules", "modules_to_save"),
 }
+# modules peft's modules_to_save can train in full, per family (their names in transformers' models)
+SAVABLE_MODULES = {"gpt2": ("wte", "wpe", "ln_f", "lm_head"),
+                   "opt": ("embed_tokens", "embed_positions", "final_layer_norm", "lm_head")}
+SAVABLE_DEFAULT = ("embed_tokens", "norm", "lm_head")
 
 
 @dataclass
@@ -49,3 +58,91 @@ class Parts:
 
 def check(c: Collector, cond: Collector, parts: Parts, model) -> None:
     """Rules of the newer [peft] keys against the other sections."""
+    _check_methods(c, parts, model)
+    _check_target_parameters(c, parts, model)
+
+
+def _check_methods(c: Collector, parts: Parts, model) -> None:
+    """DoRA, modules_to_save, several adapters and the LoHa/LoKr/VeRA/OFT methods: what peft or our estimators
+    refuse, each with its cause (the keys of other methods were already dropped as not applicable)."""
+    from .arch import analytic_gap
+    from .families import family
+    from .settings import PeftSettings, matches_target
+
+    peft, weights = parts.peft, parts.prec.get("weights", "bf16")
+    method = peft.get("method", PeftSettings.method)
+    a = model.arch if model is not None else None
+    if peft.get("use_dora"):
+        if weights == "int8":
+            c.add("peft", "use_dora", "DoRA on bitsandbytes int8 weights fails in peft 0.21.2 (measured: after DoRA "
+                  "dequantizes the weight, an eval-mode int8 matmul finds no column statistics, 'NoneType' object "
+                  "has no attribute 'dtype')", "false, or weights fp32 | fp16 | bf16 | nf4 | fp4")
+        elif weights == "int4":
+            c.add("peft", "use_dora", "peft's DoRA cannot dequantize optimum-quanto int4 weights",
+                  "false, or weights fp32 | fp16 | bf16 | nf4 | fp4")
+        elif weights in ("nf4", "fp4"):
+            # the trace cannot build DoRA on its bitsandbytes stand-ins (peft dequantizes the real Params4bit), so
+            # the analytic estimator must answer: refuse what it does not model (estimate/peft_methods.py)
+            why = [w for w, bad in (
+                (f"the {a.model_type} family" if a is not None else "", a is not None and (
+                    analytic_gap(a.model_type) or a.model_type in ("gpt2", "opt"))),
+                ("gradient checkpointing", parts.train.get("gradient_checkpointing", "none") != "none"),
+                ("autocast", parts.prec.get("autocast", "none") != "none"),
+                ("modules_to_save", bool(peft.get("modules_to_save"))),
+                ("target_parameters", bool(peft.get("target_parameters")))) if bad]
+            if why:
+                c.add("peft", "use_dora", f"DoRA on {weights} with {' and '.join(why)} cannot be estimated: the "
+                      "analytic estimator does not model that, and the trace cannot build DoRA on bitsandbytes "
+                      "weights (peft dequantizes the real weight)", "false, or float weights")
+    if method in ("loha", "lokr", "vera", "oft") and a is not None:
+        if weights not in ("fp32", "fp16", "bf16") and method in ("loha", "lokr"):
+            c.add("peft", "method", f"{method} on {weights} weights fails in peft 0.21.2: it adapts a bitsandbytes layer "
+                  "as a plain nn.Linear and multiplies by its packed weight (measured: a shape error)",
+                  "lora, ia3, prompt_tuning, prefix_tuning, or float weights")
+        elif weights not in ("fp32", "fp16", "bf16"):
+            c.add("peft", "method", f"{method} on {weights} weights cannot be estimated yet: the analytic estimator "
+                  f"does not model {method} and the trace's bitsandbytes stand-ins have not been checked with it "
+                  "(peft 0.21.2 itself trains it)", "lora, ia3, prompt_tuning, prefix_tuning, or float weights")
+        fam = family(a.model_type)
+        if peft.get("target_modules") is None and fam.lora_targets is None:
+            c.add("peft", "target_modules", f"peft has no default for {fam.name}", ", ".join(a.linear_names))
+    if method == "oft" and a is not None:
+        r = peft.get("r", PeftSettings.r)
+        try:
+            targets = PeftSettings(method="oft", target_modules=peft.get("target_modules")).targets(a)
+        except ValueError:  # no default targets: reported above
+            targets = ()
+        widths = sorted({sp.in_features for sp in a.layer_linears + a.model_linears
+                         if any(matches_target(sp.path, t) for t in targets)})
+        bad = [w for w in widths if w % r]
+        if bad:
+            c.add("peft", "r", f"{r} OFT blocks must divide the input width of every targeted layer (peft would "
+                  f"change r silently): {', '.join(map(str, bad))} is not a multiple of {r}",
+                  f"a common divisor of {', '.join(map(str, widths))}")
+    saved = peft.get("modules_to_save")
+    if saved and a is not None:
+        allowed = SAVABLE_MODULES.get(a.model_type, SAVABLE_DEFAULT)
+        unknown = [n for n in saved if n not in allowed]
+        if unknown:
+            c.add("peft", "modules_to_save", f"{', '.join(unknown)} is not a model-level module of {a.model_type}",
+                  ", ".join(allowed))
+    if peft.get("num_adapters", 1) > 1 and saved:
+        c.add("peft", "num_adapters", "several adapters with modules_to_save are not estimated (each adapter would "
+              "hold its own full copies)", "1, or no modules_to_save")
+
+
+def _check_target_parameters(c: Collector, parts: Parts, model) -> None:
+    """LoRA on nn.Parameters (peft's target_parameters, ParamWrapper): each name must end an expert stack of the
+    model (transformers 5 MoE families: mlp.experts.gate_up_proj, mlp.experts.down_proj; families/moe.py), as peft
+    matches it (a suffix at a dot), or peft raises 'no parameter was matched' after building the model."""
+    from .settings import matches_target
+
+    names = parts.peft.get("target_parameters")
+    if not names or model is None:
+        return
+    experts = [p.path for p in model.arch.layer_params if p.expert]
+    unknown = [n for n in names if not any(matches_target(path, n) for path in experts)]
+    if unknown:
+        c.add("peft", "target_parameters", f"{', '.join(unknown)} matches no expert parameter of "
+              f"{model.arch.model_type}" + ("" if experts else " (a dense model: it has none)"),
+              ", ".join(experts) if experts else "no target_parameters")

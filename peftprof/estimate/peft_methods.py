@@ -1,36 +1,273 @@
 """PEFT methods beyond LoRA/IA3/prompt/prefix tuning, and LoRA's options (DoRA, rsLoRA, modules_to_save,
 target_parameters, several adapters): their trainable tensors, frozen adapter bytes and saved tensors per
 adapted linear. memory.py and activations.py call these hooks; each returns the plain LoRA answer unchanged
-where the option is off. Bytes throughout."""
+where the option is off. Bytes throughout (element counts where the name says so).
+
+What the analytic estimator models here (each checked against the CPU runner, benchmarks/accuracy_methods.py):
+DoRA's magnitude vectors, saved tensors and forward transients (a forward moment of the step, added by
+estimate/__init__.py step_moments), rsLoRA (scaling only: nothing changes), K resident LoRA adapters.
+LoHa, LoKr, VeRA and OFT have exact trainable counts (tests/test_peft_methods.py checks them against peft's
+own models), but their saved tensors are not modelled: `--method trace` answers for them (analytic_gap).
+"""
 
 from __future__ import annotations
 
-from ..settings import Scenario
+from ..arch import Arch, LinearSpec
+from ..settings import Scenario, matches_target
+from .widths import ADAPTER_BYTES_PER_ELEMENT, FP32
+
+TRACE_ONLY_METHODS = ("loha", "lokr", "vera", "oft")
 
 
 def analytic_gap(s: Scenario) -> str | None:
     """Why the analytic estimator cannot answer for this variant's PEFT settings (None: it can)."""
     m = s.peft
-    if m.method in ("loha", "lokr", "vera", "oft"):
-        return f"the analytic estimator does not model {m.method} yet"
-    if m.use_dora or m.modules_to_save or m.target_parameters or m.num_adapters > 1:
-        return "the analytic estimator does not model use_dora, modules_to_save, target_parameters or " \
-               "num_adapters yet"
+    if m.method in TRACE_ONLY_METHODS:
+        return f"the analytic estimator does not model {m.method}'s saved tensors"
+    if m.modules_to_save:
+        return "the analytic estimator does not model modules_to_save (full trainable copies beside the adapter)"
+    if m.target_parameters:
+        return "the analytic estimator does not model target_parameters (LoRA on parameters)"
+    if m.use_dora and s.precision.autocast != "none":
+        return "the analytic estimator does not model DoRA under autocast"
+    if m.use_dora and s.model.arch.model_type in ("gpt2", "opt"):
+        return f"the analytic estimator does not model DoRA on {s.model.arch.model_type}"
+    if m.use_dora and s.training.checkpoint_every:
+        # the recomputed forward of a checkpointed layer redoes DoRA's weight norm inside backward: its
+        # full-size transients (identity in x in, B A, W + s BA) add to that moment (measured on CPU: up to 21%)
+        return "the analytic estimator does not model DoRA's weight-norm transients under gradient checkpointing"
     return None
 
 
-def trainable_tensors(m, a) -> tuple[int, ...] | None:
+# --- trainable tensors ------------------------------------------------------------------------------------------
+
+def _copies(spec: LinearSpec, a: Arch) -> int:
+    return a.n_layers if spec in a.layer_linears else 1
+
+
+def trainable_tensors(m, a: Arch) -> tuple[int, ...] | None:
     """Element counts of every trainable tensor where this module models the method or option; None: the
-    plain method (memory._trainable_tensors answers)."""
-    return None
+    plain method (memory._trainable_tensors answers). Per targeted linear (in x out), peft 0.21.2:
+    - LoRA + DoRA (tuners/lora/dora.py DoraLinearLayer.update_layer): lora_A r x in, lora_B out x r and the
+      magnitude vector, out values;
+    - LoHa (tuners/loha/layer.py create_adapter_parameters): hada_w1_a, hada_w2_a out x r; hada_w1_b,
+      hada_w2_b r x in: 2r(in + out);
+    - LoKr (tuners/lokr/layer.py update_layer): out = a*b and in = c*d factorized (`lokr_factorization`);
+      w1 a x c in full, w2 b x d in full or as w2_a b x r, w2_b r x d when r < max(b, d) / 2;
+    - VeRA (tuners/vera/layer.py update_layer): lambda_d (r) and lambda_b (out) per layer; the random
+      projections vera_A / vera_B are shared frozen buffers (`vera_projection_elements`);
+    - OFT (tuners/oft/layer.py update_layer): r blocks of size b = in / r, each b(b-1)/2 skew-symmetric values
+      (OFTRotationModule.weight r x b(b-1)/2)."""
+    if m.method == "lora" and m.use_dora:
+        out = []
+        for spec in m.targeted_linears(a):
+            out += [m.r * spec.in_features, spec.out_features * m.r, spec.out_features] * _copies(spec, a)
+        return tuple(out)
+    if m.method not in TRACE_ONLY_METHODS:
+        return None
+    out = []
+    for spec in m.targeted_linears(a):
+        i, o, r = spec.in_features, spec.out_features, m.r
+        if m.method == "loha":
+            per = [o * r, r * i, o * r, r * i]
+        elif m.method == "lokr":
+            per = lokr_tensors(i, o, r)
+        elif m.method == "vera":
+            per = [o, r]
+        else:
+            b = i // r
+            per = [r * (b * (b - 1) // 2)]
+        out += per * _copies(spec, a)
+    return tuple(out)
 
+
+def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """peft tuners/lokr/layer.py `factorization` (decompose_factor -1, peft's default): the divisor pair (m <= n)
+    with m*n = dimension and the smallest m + n."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+        length = m + n
+    if m > n:
+        n, m = m, n
+    return m, n
+
+
+def lokr_tensors(in_features: int, out_features: int, r: int) -> list[int]:
+    """LoKr's tensors for one linear (peft defaults: decompose_both False, decompose_factor -1)."""
+    in_m, in_n = lokr_factorization(in_features)
+    out_l, out_k = lokr_factorization(out_features)
+    tensors = [out_l * in_m]  # w1: decompose_both is off, so always in full
+    if r < max(out_k, in_n) / 2:
+        tensors += [out_k * r, r * in_n]
+    else:
+        tensors.append(out_k * in_n)
+    return tensors
+
+
+def vera_projection_elements(m, a: Arch) -> int:
+    """VeRA's shared frozen projections (tuners/vera/model.py _init_vera_A_vera_B): vera_A r x max(in) and
+    vera_B max(out) x r over the targeted linears, fp32 buffers."""
+    specs = m.targeted_linears(a)
+    if m.method != "vera" or not specs:
+        return 0
+    return m.r * (max(sp.in_features for sp in specs) + max(sp.out_features for sp in specs))
+
+
+# --- resident adapters ------------------------------------------------------------------------------------------
 
 def frozen_adapter_bytes(s: Scenario) -> int:
-    """Adapters resident but not trained (num_adapters - 1 of them)."""
-    return 0
+    """Adapters resident but not trained (num_adapters - 1 of them, peft add_adapter): each as large as the
+    trained one, in the adapter dtype (fp32: peft's autocast_adapter_dtype)."""
+    m = s.peft
+    if m.num_adapters <= 1 or m.method != "lora":  # (the loader gives num_adapters to LoRA only)
+        return 0
+    from .memory import trainable_tensors as all_trainable  # (memory.py imports this module)
+
+    return (m.num_adapters - 1) * sum(all_trainable(s)) * ADAPTER_BYTES_PER_ELEMENT
+
+
+# --- saved tensors ----------------------------------------------------------------------------------------------
+
+def _dora_targeted(s: Scenario, spec: LinearSpec) -> bool:
+    m = s.peft
+    return m.method == "lora" and m.use_dora and any(matches_target(spec.path, t) for t in m.targets(s.model.arch))
+
+
+def dora_weight_copy_saved(s: Scenario) -> bool:
+    """With lora_dropout > 0, DoRA recomputes the base output from the dropped input and the weight cast to the
+    input's dtype, F.linear(dropout(x), weight.to(x.dtype)) (peft tuners/lora/dora.py DoraLinearLayer.forward,
+    variants.py DoraLinearVariant.forward): x is fp32 (the adapter dtype), so any base other than fp32 (bf16,
+    fp16, and bitsandbytes' dequantized weight) makes an fp32 copy, which the matmul saves for the input's
+    gradient. Without dropout peft reuses the base layer's output and saves no weight."""
+    return s.peft.dropout > 0 and s.precision.weights != "fp32"
 
 
 def linear_saves(s: Scenario, spec, saved: dict[str, int], in_key: str, T: int, act: int,
                  device: str) -> dict[str, int]:
-    """Tensors one adapted linear saves for backward, given what the plain method saves (`saved`)."""
-    return saved
+    """Tensors one adapted linear saves for backward, given what the plain method saves (`saved`).
+
+    DoRA (peft tuners/lora/dora.py DoraLinearLayer.forward) adds, on top of LoRA's:
+    result_dora = (m / ||W + s BA||_c - 1) * base_result + (m / ||.||_c) * lora_B(lora_A(x)) * s, whose
+    products save (autograd derivatives.yaml mul.Tensor) base_result (out x tokens, in the base output's dtype;
+    with dropout the recomputed fp32 output), lora_B's output (fp32), and the out-sized vectors ||.||_c (the
+    division's divisor), m / ||.||_c and its minus-one (3 fp32 vectors); with dropout on a non-fp32 base the
+    fp32 weight copy (`dora_weight_copy_saved`). The weight norm itself is detached (DoRA paper sec. 4.3):
+    its full-size terms (the identity, B A, W + s BA) are transients of the forward. Measured on CPU."""
+    if not _dora_targeted(s, spec):
+        return saved
+    out = dict(saved)
+    tag = spec.path
+    n_out = spec.out_features
+    base_out = ADAPTER_BYTES_PER_ELEMENT if s.peft.dropout > 0 else act
+    out[f"{tag}.dora_base_out"] = base_out * T * n_out
+    out[f"{tag}.dora_lora_out"] = ADAPTER_BYTES_PER_ELEMENT * T * n_out
+    out[f"{tag}.dora_vectors"] = 3 * FP32 * n_out
+    if dora_weight_copy_saved(s):
+        out[f"{tag}.dora_weight"] = ADAPTER_BYTES_PER_ELEMENT * spec.n_weight_params
+    return out
+
+
+def first_layer_unsaved_bytes(s: Scenario, saves: dict[str, int]) -> int:
+    """Without checkpointing the first decoder layer's input needs no gradient (frozen embeddings): up to and
+    including the first group of linears that holds an adapter (activations.LAYER_LINEAR_GROUPS), DoRA's products
+    there save neither the minus-one vector (its other factor needs no gradient) nor, with dropout, the weight
+    copy (neither matmul operand needs a gradient). Measured on CPU."""
+    if not (s.peft.method == "lora" and s.peft.use_dora) or s.training.checkpoint_every:
+        return 0
+    from .activations import LAYER_LINEAR_GROUPS  # (activations.py imports this module)
+
+    a = s.model.arch
+    specs = {spec.path.rsplit(".", 1)[-1]: spec for spec in a.layer_linears}
+    unsaved = 0
+    for group in LAYER_LINEAR_GROUPS.get(a.model_type, LAYER_LINEAR_GROUPS["llama"]):
+        members = [specs[n] for n in group if n in specs]
+        for spec in members:
+            unsaved += saves.get(f"{spec.path}.dora_weight", 0) + saves.get(f"{spec.path}.dora_vectors", 0) // 3
+        if any(_dora_targeted(s, spec) for spec in members):
+            break
+    return unsaved
+
+
+# --- the forward moment ---------------------------------------------------------------------------------------
+
+def dora_forward_transient_bytes(s: Scenario, spec: LinearSpec, T: int) -> int:
+    """Transients of DoRA's forward for one adapted linear (in x out), peft tuners/lora/dora.py
+    DoraLinearLayer.forward, all fp32 (the adapter dtype): get_lora_weight runs lora_B(lora_A(I_in)) on an in x in
+    identity, whose autograd graph keeps the identity and lora_A's in x r output alive (lora_A's weight needs a
+    gradient) with the in x out result until the forward returns. Then either
+    - the weight norm: W cast to fp32 (a copy unless W is fp32), s * lora_weight and W + s * lora_weight, or
+    - the products of the rescaling, three tokens x out tensors,
+    whichever is larger. Measured on CPU."""
+    i, o, r = spec.in_features, spec.out_features, s.peft.r
+    copy = 0 if s.precision.weights == "fp32" else 1
+    held = i * i + i * r + i * o + copy * i * o
+    return FP32 * (held + max(2 * i * o, 3 * T * o))
+
+
+def forward_moments(s: Scenario, device: str, grads_live: int) -> list[tuple[str, dict[str, int]]]:
+    """DoRA's forward can be the peak of the step: its weight-norm transients (`dora_forward_transient_bytes`,
+    largest on down_proj, whose in x in identity is intermediate^2) come on top of everything the forward has saved
+    so far. The moment of each adapted linear of the last decoder layer: saved tensors of the layers before it and
+    of the model before the layers, this layer's saved tensors up to that linear, the hidden states held but not
+    saved (`_forward_stream_bytes`), and its transients. No logits yet. (estimate/__init__.py step_moments adds
+    these.)"""
+    m = s.peft
+    if not (m.method == "lora" and m.use_dora) or s.training.checkpoint_every:
+        return []
+    from . import activations as act_mod  # (activations.py imports this module)
+    from .widths import activation_bytes_per_element
+
+    a = s.model.arch
+    T = act_mod.tokens_per_micro_batch(s)
+    saves = act_mod.layer_saves(s, device)
+    stream = activation_bytes_per_element(s)
+    before = (a.n_layers - 1) * sum(saves.values()) + act_mod.model_activation_bytes(s, device) \
+        - act_mod.final_norm_saved_bytes(s) - act_mod.lm_head_saved_bytes(s)
+    # layer 0 saves less (first_layer_unsaved_bytes); in a one-layer model that is this layer, and what it lacks
+    # comes before the last moments, the ones that matter
+    before -= act_mod.first_layer_unsaved_bytes(s, device)
+    moments = []
+    keys = list(saves)
+    for spec in a.layer_linears:
+        if not _dora_targeted(s, spec):
+            continue
+        mine = [k for k in keys if k.startswith(spec.path + ".")]
+        first = keys.index(mine[0]) if mine else len(keys)
+        # made before the weight norm: the base output and the adapter's input (its fp32 cast, dropout)
+        partial = sum(saves[k] for k in keys[:first]) + sum(
+            saves.get(f"{spec.path}.{k}", 0) for k in ("dora_base_out", "x_fp32", "dropout_out", "dropout_mask"))
+        live = _forward_stream_bytes(s, spec, T, stream)
+        moments.append(("forward", {"gradients": grads_live, "activations": before + partial, "logits": 0,
+                                    "temporaries": live + dora_forward_transient_bytes(s, spec, T)}))
+    return moments
+
+
+def _forward_stream_bytes(s: Scenario, spec: LinearSpec, T: int, stream: int) -> int:
+    """Hidden states alive but not saved while a linear of the last layer runs (transformers modeling_llama.py):
+    the position ids (int64) and the input embeddings, held by the model's forward. In an fp32 model every other
+    one is saved already (RMSNorm saves its fp32 input, which is the tensor itself; LoRA's A saves its input
+    itself). Otherwise also the layer's input (held by the decoder loop; the embeddings themselves in a one-layer
+    model), the norm's output that feeds the linear, in the MLP the residual after attention, and for the down
+    projection its input. Measured on CPU."""
+    a = s.model.arch
+    total = 8 * T + stream * T * a.hidden_size
+    if stream == FP32:
+        return total
+    mlp = spec.path.startswith("mlp.")
+    n_hidden = (a.n_layers > 1) + 1 + mlp
+    total += stream * T * a.hidden_size * n_hidden
+    if spec.path.endswith("down_proj"):
+        total += stream * T * spec.in_features
+    return total

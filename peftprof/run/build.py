@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..settings import Scenario
+from ..vision import build as vision_build
+from ..vision import is_vision
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -174,17 +176,29 @@ def quanto_constants(model) -> list[torch.Tensor]:
 
 
 def _peft_config(s: Scenario):
+    """The peft config of the variant's method. LoHa/LoKr/VeRA/OFT take peft's own defaults for everything the
+    scenario does not set (peft/tuners/{loha,lokr,vera,oft}/config.py, peft 0.21.2); OFT's `r` is peft's
+    number of blocks per layer (oft_block_size then 0: peft takes exactly one of the two)."""
     import peft
 
     m = s.peft
     a = s.model.arch
-    task = peft.TaskType.CAUSAL_LM
+    task = None if is_vision(s) else peft.TaskType.CAUSAL_LM  # image classifiers: peftprof/vision/build.py
+    targets = "all-linear" if m.target_modules == "all-linear" else list(m.targets(a))
+    saved = list(m.modules_to_save) or None
     if m.method == "lora":
-        targets = "all-linear" if m.target_modules == "all-linear" else list(m.targets(a))
         return peft.LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=targets, task_type=task,
-                               use_dora=m.use_dora, use_rslora=m.use_rslora,
-                               modules_to_save=list(m.modules_to_save) or None,
+                               use_dora=m.use_dora, use_rslora=m.use_rslora, modules_to_save=saved,
                                target_parameters=list(m.target_parameters) or None)
+    if m.method == "loha":
+        return peft.LoHaConfig(r=m.r, alpha=m.alpha, target_modules=targets, modules_to_save=saved, task_type=task)
+    if m.method == "lokr":
+        return peft.LoKrConfig(r=m.r, alpha=m.alpha, target_modules=targets, modules_to_save=saved, task_type=task)
+    if m.method == "vera":
+        return peft.VeraConfig(r=m.r, vera_dropout=m.dropout, target_modules=targets, modules_to_save=saved,
+                               task_type=task)
+    if m.method == "oft":
+        return peft.OFTConfig(r=m.r, oft_block_size=0, target_modules=targets, modules_to_save=saved, task_type=task)
     if m.method == "ia3":
         return peft.IA3Config(target_modules=list(m.targets(a)), feedforward_modules=list(m.feedforward_targets(a)),
                               task_type=task)
@@ -253,6 +267,8 @@ def base_model(s: Scenario, device: str):
 
     p = s.precision
     dtype = TORCH_DTYPES[p.weights] if not p.is_quantized else TORCH_DTYPES[p.compute_dtype]
+    if is_vision(s):  # image classifiers (AutoModelForImageClassification): peftprof/vision/build.py
+        return vision_build.base_model(s, device, dtype)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(hf_config(s), dtype=dtype)
 
@@ -273,7 +289,45 @@ def adapt(model, s: Scenario):
         for param in model.parameters():
             param.requires_grad_(True)
         return model
-    return peft.get_peft_model(model, _peft_config(s))
+    on_meta = next(model.parameters()).device.type == "meta"  # the trace builds on meta (peftprof/trace.py)
+    if on_meta and s.peft.use_dora and p.is_quantized:
+        from ..errors import UserError
+
+        raise UserError(f"{s.name}: --method trace cannot build DoRA on {p.weights} weights: peft dequantizes the "
+                        "real bitsandbytes weight (utils/integrations.py dequantize_module_weight), which the "
+                        "trace's stand-ins do not hold; --method analytic answers")
+    model = peft.get_peft_model(model, _peft_config(s))
+    for i in range(1, s.peft.num_adapters):
+        # K-1 more adapters of the same config, resident but neither active nor trained: peft's add_adapter
+        # leaves the active adapter as it is and its set_adapter freezes the others (peft_model.py add_adapter)
+        model.add_adapter(f"resident_{i}", _peft_config(s))
+    if s.peft.method in ("loha", "lokr") and on_meta:
+        _decide_module_dropout_on_fake_tensors(model)
+    return model
+
+
+class _NoModuleDropout(float):
+    """module_dropout 0.0 for the trace. LoHa/LoKr decide per call whether to skip the adapter with
+    `torch.rand(1) > module_dropout` (peft/tuners/loha/layer.py, lokr/layer.py forward): a fake tensor cannot
+    answer that data-dependent `if`. At 0.0 a real run always keeps the adapter (but for a draw of exactly 0,
+    2^-24), so the comparison answers True, as it does there; only the 4-byte draw is not made."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        import torch
+
+        if func is torch.Tensor.gt or getattr(func, "__name__", "") == "gt":
+            return True
+        return NotImplemented
+
+
+def _decide_module_dropout_on_fake_tensors(model) -> None:
+    for module in model.modules():
+        rates = getattr(module, "module_dropout", None)
+        if isinstance(rates, dict):
+            for name, rate in rates.items():
+                if rate == 0.0:
+                    rates[name] = _NoModuleDropout(0.0)
 
 
 def build(s: Scenario, device: str, *, seed: int | None = None) -> Built:
