@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import transformers
 from click.testing import CliRunner
 
 from peftprof.cli import cli
@@ -206,9 +207,10 @@ def test_long_values_and_keys_are_cut_in_error_lines(tmp_path):
     assert lines == [
         f"error: {p}: {'k' * 80}… (300 characters): unknown section or key "
         "(allowed: name, description, model, precision, peft, training, run, distributed, inference, sweep)",
-        f"error: {p}: [model] config: unsupported model_type \"{'a' * 80}…\" (3,000,000 characters) "
-        "(allowed: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, gpt2, opt, mixtral, qwen2_moe, "
-        "qwen3_moe)"]
+        f"error: {p}: [model] config: unsupported model_type \"{'a' * 80}…\" (3,000,000 characters): unknown to "
+        f"transformers {transformers.__version__} (allowed: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
+        "phi3, gpt2, opt, mixtral, qwen2_moe, qwen3_moe, vit, resnet, or any decoder-only causal LM model_type of "
+        "transformers)"]
 
 
 def test_error_lines_escape_control_characters(write_scenario):
