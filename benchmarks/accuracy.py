@@ -79,11 +79,94 @@ def generate(n: int, seed: int) -> list[tuple[str, str]]:
         if made:
             out.append(made)
     amp_rng = random.Random(seed + 1_000_003)
-    while len(out) < n:
+    while len(out) < min(n, N_PLAIN + N_AMP):
         made = _scenario(amp_rng, len(out), amp_index=len(out) - N_PLAIN)
         if made:
             out.append(made)
+    fam_rng = random.Random(seed + 2_000_029)
+    while len(out) < n:
+        out.append(_family_scenario(fam_rng, len(out), len(out) - N_PLAIN - N_AMP))
     return out
+
+
+N_AMP = 20  # scenarios 60-79: autocast (issue #13); from the 80th on, the families of issue #14
+NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILY_METHODS = ("lora", "full", "ia3", "lora", "prompt_tuning", "prefix_tuning", "lora")
+PHI3_TARGETS = '["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]'
+QWEN2_MOE_TARGETS = '["q_proj", "v_proj", "gate_proj", "down_proj"]'
+ATTENTION_TARGETS = '["q_proj", "k_proj", "v_proj", "o_proj"]'
+FAMILY_WEIGHTS = ("fp32", "bf16", "nf4", "int8", "fp4", "bf16", "fp32", "nf4")
+
+
+def _family_model(rng: random.Random, family: str) -> tuple[str, int]:
+    """(TOML model lines, layers) of a tiny random config of one of issue #14's families."""
+    hidden = rng.choice([64, 128, 192, 256])
+    head_dim = rng.choice([16, 32, 48, 64])
+    heads = rng.choice([2, 4])
+    kv = rng.choice([1, heads // 2, heads]) or 1
+    layers = rng.randint(1, 4)
+    vocab = 32064 + rng.randint(0, 2000) if family == "phi3" else rng.randint(1000, 40000)
+    inter = rng.choice([2, 3, 4]) * hidden + rng.choice([0, 32])
+    lines = [f'model_type = "{family}"', f"hidden_size = {hidden}", f"num_hidden_layers = {layers}",
+             f"num_attention_heads = {heads}", f"num_key_value_heads = {kv}", f"vocab_size = {vocab}",
+             "max_position_embeddings = 2048", f"intermediate_size = {inter}"]
+    if family != "phi3":  # phi3 derives head_dim from hidden / heads
+        lines.append(f"head_dim = {head_dim}")
+    if family in ("gemma2", "gemma3_text"):
+        lines.append(f"sliding_window = {rng.choice([4096, 64])}")
+        lines.append(f"tie_word_embeddings = {str(rng.random() < 0.7).lower()}")
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        experts = rng.choice([4, 8])
+        key = "num_local_experts" if family == "mixtral" else "num_experts"
+        lines += [f"{key} = {experts}", f"num_experts_per_tok = {rng.choice([1, 2])}",
+                  f"output_router_logits = {str(rng.random() < 0.5).lower()}"]
+        if family != "mixtral":
+            lines.append(f"moe_intermediate_size = {rng.choice([32, 64, 96])}")
+        if family == "qwen2_moe":
+            lines.append(f"shared_expert_intermediate_size = {rng.choice([64, 128, 256])}")
+    return "\n".join(lines) + "\n", layers
+
+
+def _family_scenario(rng: random.Random, index: int, k: int) -> tuple[str, str]:
+    """Issue #14: scenario k of the new families, cycling family, method and weights (every 7 cover each family;
+    under bf16/fp16 autocast one in four). peft has no default targets for phi3 and the MoE families: LoRA and
+    IA3 get explicit attention (and shared-expert) targets there; prompt/prefix tuning go to families with
+    defaults."""
+    family = NEW_FAMILIES[k % len(NEW_FAMILIES)]
+    method = FAMILY_METHODS[(k // len(NEW_FAMILIES)) % len(FAMILY_METHODS)]
+    weights = FAMILY_WEIGHTS[k % len(FAMILY_WEIGHTS)]
+    if method.endswith("_tuning") and family in ("phi3", "qwen2_moe", "qwen3_moe"):
+        method = "lora"
+    if method == "full" and weights not in ("fp32", "bf16"):
+        weights = "bf16"
+    model, layers = _family_model(rng, family)
+    policy = "none" if method == "prefix_tuning" else rng.choice(["none", "full", "every_2"])
+    if policy == "every_2" and layers < 2:
+        policy = "full"
+    batch, seq = rng.choice([1, 2, 4]), rng.choice([32, 64, 128, 256])
+    lines = [f"[model]\n{model}", "[precision]", f'weights = "{weights}"']
+    if weights not in ("fp32", "bf16"):
+        lines.append(f'compute_dtype = "{rng.choice(["fp32", "bf16"])}"')
+    if weights in ("fp4", "nf4"):
+        lines.append(f"double_quant = {str(rng.random() < 0.5).lower()}")
+    if k % 4 == 3 and not (weights == "bf16" and method.endswith("_tuning")):
+        lines.append(f'autocast = "{rng.choice(["bf16", "fp16"])}"')
+    lines += ["[peft]", f'method = "{method}"']
+    targets = {"phi3": PHI3_TARGETS, "qwen2_moe": QWEN2_MOE_TARGETS}.get(family, ATTENTION_TARGETS)
+    if method == "lora":
+        lines += [f"r = {rng.choice([4, 8, 16])}", f"dropout = {rng.choice([0.0, 0.05])}",
+                  f"target_modules = {targets}"]
+    if method == "ia3" and family in ("phi3", "mixtral", "qwen2_moe", "qwen3_moe"):
+        lines.append(f"target_modules = {targets}")
+    if method in ("prompt_tuning", "prefix_tuning"):
+        lines.append("num_virtual_tokens = 10")
+    attention = "eager" if family == "gemma2" else rng.choice(["sdpa", "eager"])
+    lines += ["[training]", f"batch_size = {batch}", f"seq_len = {seq}",
+              f'optimizer = "{rng.choice(["adamw", "adamw_8bit", "sgd"])}"',
+              f'gradient_checkpointing = "{policy}"', f'attention = "{attention}"',
+              "[run]", 'device = "cpu"', "steps = 1", "warmup_steps = 1"]
+    name = f"acc{index:03d}-{family}-{method}-{weights}"
+    return name, f'name = "{name}"\n' + "\n".join(lines) + "\n"
 
 
 def _scenario(rng: random.Random, index: int, amp_index: int | None = None) -> tuple[str, str] | None:
@@ -214,9 +297,11 @@ def rewrite_speed(path: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=80)
+    ap.add_argument("--n", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-run", action="store_true", help="analytic against trace only")
+    ap.add_argument("--start", type=int, default=0,
+                    help="measure only the scenarios from this index on (80: the families of issue #14)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--speed-only", action="store_true",
                     help="re-measure the speed and published sections of an existing accuracy.md, keep the rest")
@@ -247,6 +332,8 @@ def main() -> int:
     started = time.perf_counter()
     rows, records = [], []
     for i, (name, text) in enumerate(generate(args.n, args.seed)):
+        if i < args.start:
+            continue
         s = load(name, text, tmp)
         analytic = estimate(s, device="cpu")
         traced = None if s.precision.weights == "int4" else trace_peak(s)
@@ -256,7 +343,7 @@ def main() -> int:
         else:
             rec = run_variant(s, device="cpu")
             measured = rec["measured"] if rec["status"] == "ok" else None
-        row = {"variant": name, "method": s.peft.method, "weights": s.precision.weights,
+        row = {"variant": name, "family": s.model.arch.model_type, "method": s.peft.method, "weights": s.precision.weights,
                "autocast": s.precision.autocast, "status": rec["status"] if rec
                else "traced", "analytic": analytic["peak_bytes"], "measured": measured and measured["peak_bytes"],
                "trace": traced and traced["peak_bytes"]}
@@ -278,7 +365,8 @@ def main() -> int:
     ok = [r for r in rows if "analytic_err" in r]
     reference = "the trace (equal to CPU measurements)" if args.no_run else "the CPU runner tensor-level peak"
     lines = [f"# Estimator accuracy ({datetime.now(timezone.utc):%Y-%m-%d})", "",
-             f"`benchmarks/accuracy.py --n {args.n} --seed {args.seed}{' --no-run' if args.no_run else ''}`: "
+             f"`benchmarks/accuracy.py --n {args.n} --seed {args.seed}{' --no-run' if args.no_run else ''}"
+             f"{f' --start {args.start}' if args.start else ''}`: "
              f"{len(rows)} generated scenarios, {len(ok)} measured, in {elapsed / 60:.1f} min on "
              f"{__import__('os').cpu_count()} cores. torch {torch.__version__}, "
              f"transformers {transformers.__version__}, peft {peft.__version__}. Reference: {reference}.",
@@ -288,7 +376,7 @@ def main() -> int:
              f"| trace peak | {summarise([r['trace_err'] for r in ok if r.get('trace_err') is not None])} |"]
     for c in _categories():
         lines.append(f"| analytic {c} | {summarise([r['category_err'][c] for r in ok])} |")
-    for key in ("method", "weights", "autocast"):
+    for key in ("family", "method", "weights", "autocast"):
         lines += ["", f"By {key} (analytic peak):", "", f"| {key} | n | median | p90 | max |",
                   "|---|---:|---:|---:|---:|"]
         for value in sorted({r[key] for r in ok}):

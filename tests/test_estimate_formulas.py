@@ -55,8 +55,9 @@ def test_checkpointing_keeps_layer_inputs(write_scenario):
     (s,) = load_scenario(write_scenario(QUICK + 'gradient_checkpointing = "full"\n'))
     # a checkpointed layer keeps its fp32 input: 4 * 256 * 256 = 262,144 per layer
     assert act.checkpoint_bytes_per_layer(s) == 262_144
-    # 4 layers + model-level (final norm 263,168 + rotary cos/sin 2 * 4 * 256 * 64 = 131,072)
-    assert act.activation_bytes(s) == 4 * 262_144 + 263_168 + 131_072
+    # 4 layers + model-level (final norm 263,168 + rotary cos/sin, (1, s, head_dim) each as position_ids is
+    # (1, s): 2 * 4 * 128 * 64 = 65,536)
+    assert act.activation_bytes(s) == 4 * 262_144 + 263_168 + 65_536
 
 
 def test_model_level_and_mlp_backward_terms_by_hand(write_scenario, tiny):
@@ -72,15 +73,17 @@ def test_model_level_and_mlp_backward_terms_by_hand(write_scenario, tiny):
                                            'gradient_checkpointing = "full"\nattention = "eager"\n'))
     assert act.final_norm_saved_bytes(full) == 525_312
     # checkpointed eager layers keep the b x 1 x s x s additive mask, 4*2*128*128 = 131,072, beside the final
-    # norm and the rotary cos/sin (2*4*256*64 = 131,072)
-    assert act.model_activation_bytes(full) == 525_312 + 131_072 + 131_072
-    # prefix tuning (20 virtual tokens, SDPA): layer 0's input norm saves nothing (263,168 less); the explicit
-    # fp32 mask b x s x (s + 20) = 4*2*128*148 = 151,552 joins the final norm and cos/sin
+    # norm, the rotary cos/sin (1 x s x head_dim each: 2*4*128*64 = 65,536) and lm_head's saved input (full
+    # fine-tuning trains its weight: the final norm's fp32 output, 4*T*h = 262,144)
+    assert act.model_activation_bytes(full) == 525_312 + 131_072 + 65_536 + 262_144
+    # prefix tuning (20 virtual tokens, SDPA): layer 0's input norm saves nothing (263,168 less); every layer's
+    # SDPA call saves its own fp32 copy of the explicit mask, b x s x (s + 20) = 4*2*128*148 = 151,552
     prefix_text = QUICK.replace('r = 8\ntarget_modules = ["q_proj", "v_proj"]',
                                 'method = "prefix_tuning"\nnum_virtual_tokens = 20')
     (prefix,) = load_scenario(write_scenario(prefix_text, name="prefix.toml"))
     assert act.first_layer_unsaved_bytes(prefix) == 263_168
-    assert act.model_activation_bytes(prefix) == 263_168 + 131_072 + 151_552
+    assert act.model_activation_bytes(prefix) == 263_168 + 65_536
+    assert act.layer_saves(prefix)["prefix_mask"] == 151_552
 
 
 def _quanto_backward_transient_bytes(compute, in_f, out_f) -> int:
@@ -250,10 +253,10 @@ def test_autocast_layer_saves_by_hand_and_measured(write_scenario):
     measured = _saved_by_layer(s)
     assert measured[1] == 228_352
     # layer 0: its input needs no gradient (no checkpointing), so q, k and v save no weight cast:
-    # 2 * 64 * (64 + 32 + 32) = 16,384 fewer. Measured, layer 0 also lacks its first norm's 16,640 and lora_A's
-    # weight casts 2 x 2*8*64 (no gradient reaches them; the estimate keeps the norm's, as without autocast) and
-    # holds the rotary cos/sin, 2 x 4*32*16 (1 x 32 x 16 fp32, broadcast over the batch, first saved here)
-    assert act.first_layer_unsaved_bytes(s) == 16_384
+    # 2 * 64 * (64 + 32 + 32) = 16,384 fewer, nor does its first norm (16,640). Measured, layer 0 also lacks
+    # lora_A's weight casts 2 x 2*8*64 (no gradient reaches them) and holds the rotary cos/sin, 2 x 4*32*16
+    # (1 x 32 x 16 fp32, broadcast over the batch, first saved here)
+    assert act.first_layer_unsaved_bytes(s) == 16_384 + 16_640
     assert measured[0] == 228_352 - 16_384 - 16_640 - 2 * 2 * 8 * 64 + 2 * 4 * 32 * 16
 
 

@@ -13,6 +13,15 @@ from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
 from . import autocast as amp
 from . import peft_methods
 from .memory import embedding_gradient_bytes, quantized_linears, quanto_group_size
+from .moe import moe_backward_moments, router_logits_bytes
+from .rotary import (
+    GEMMA_NORMS,
+    normed_bytes,
+    rotary_layer_saves,
+    sliding_layer_ids,
+    sliding_window_mask_bytes,
+    window_active,
+)
 from .widths import (
     ADAPTER_BYTES_PER_ELEMENT,
     FP32,
@@ -121,7 +130,8 @@ def activation_bytes_per_layer(s: Scenario, device: str = "cpu") -> int:
 
 
 MLP_KEYS = ("post_attention_layernorm", "ln_2", "final_layer_norm", "x2", "gate", "act_out", "up", "mlp_mid",
-            "gelu", "relu_out", "mlp.", "fc1", "fc2", "down", "resid_drop2")
+            "gelu", "relu_out", "mlp.", "fc1", "fc2", "down", "resid_drop2", "pre_feedforward_layernorm",
+            "post_feedforward_layernorm", "moe.")
 
 
 def mlp_saved_bytes(s: Scenario, device: str = "cpu") -> int:
@@ -168,12 +178,14 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
     full = s.peft.method == "full"
     lin = {spec.path.rsplit(".", 1)[-1] if a.model_type != "gpt2" else spec.path: spec for spec in a.layer_linears}
 
-    def norm(tag: str) -> None:
+    def norm(tag: str, width: int = a.hidden_size, rows: int = T, weight: int = a.hidden_size) -> None:
         if a.norm == "rms":
-            saved[f"{tag}.in_fp32"] = FP32 * T * a.hidden_size
-            saved[f"{tag}.rsqrt"] = FP32 * T
+            saved[f"{tag}.in_fp32"] = FP32 * T * width
+            saved[f"{tag}.rsqrt"] = FP32 * rows
+            if a.model_type in GEMMA_NORMS:  # normed * (1 + w.float()) saves the fp32 (1 + w)
+                saved[f"{tag}.one_plus_w"] = FP32 * weight
             if full:  # weight * normalized saves the normalized tensor for the weight's gradient
-                saved[f"{tag}.normed"] = amp.stream_bytes(s) * T * a.hidden_size
+                saved[f"{tag}.normed"] = normed_bytes(s) * T * width
         else:
             saved[f"{tag}.in"] = amp.layernorm_saved_input_bytes(s, device) * T * a.hidden_size
             saved[f"{tag}.mean_rstd"] = 2 * FP32 * T
@@ -187,7 +199,13 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
 
     def linear(name: str, in_key: str, out_key: str) -> None:
         plain = _linear_saves(s, lin[name], in_key, out_key, T, act, device, in_dtypes[in_key])
-        saved.update(peft_methods.linear_saves(s, lin[name], plain, in_key, T, act, device))
+        out = peft_methods.linear_saves(s, lin[name], plain, in_key, T, act, device)
+        if in_key == "o_in" and "attn_out" in saved and a.model_type != "phi3":
+            # SDPA's CPU kernels return the output laid out as (b, s, heads, head_dim): the transpose and
+            # reshape before o_proj are views of the saved attn_out, no copy (measured on CPU; not so for phi3,
+            # whose q, k, v are strided slices of the fused qkv output)
+            out.pop("o_in", None)
+        saved.update(out)
 
     # CPU dropout masks take their input's dtype (dropout_mask_bytes_per_element): the linear outputs here
     mask = dropout_mask_bytes_per_element(s, device) if device == "cuda" or not amp.enabled(s) else lin_out
@@ -195,6 +213,16 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
 
     def attention(k_repeat: bool) -> None:
         k_size = q_dim if k_repeat else kv_dim
+        if s.peft.method == "prefix_tuning":
+            if s.training.attention == "sdpa":
+                # the prefix makes q and kv lengths differ, so transformers passes SDPA an explicit mask
+                # (masking_utils sdpa_mask: no is_causal shortcut), which torch converts to a float mask in the
+                # query dtype (convert_boolean_attn_mask) in every layer's call, and the kernel saves: b x s x s_kv
+                saved["prefix_mask"] = act * T * s_kv
+            if k_repeat and s.training.attention == "sdpa" and not a.sliding_window:
+                # the cache keeps the prefix-extended k and v beside the repeated copies SDPA saves (measured; not
+                # with eager attention, nor in a sliding-window family's cache, e.g. mistral's)
+                saved["kv_cache"] = 2 * att * T_kv * kv_dim
         saved["q"] = att * T * q_dim
         saved["k"] = att * T_kv * k_size
         saved["v"] = att * T_kv * k_size
@@ -218,10 +246,16 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
         if s.training.attention == "sdpa":
             saved["attn_out"] = att * T * q_dim
             saved["attn_lse"] = FP32 * b * a.n_heads * s_q
+            if a.model_type == "phi3" and s.peft.method != "prefix_tuning":
+                # phi3 slices q, k, v from one qkv_proj output (modeling_phi3.py): v stays a view of it, and
+                # SDPA saves v as given, so the whole fused output stays alive (measured on CPU)
+                saved["v"] = BYTES_PER_ELEMENT[lin_out_dtype] * T * (q_dim + 2 * kv_dim)
         else:
             saved["softmax_fp32"] = FP32 * probs
             if att != FP32:
                 saved["probs"] = att * probs
+            if a.attn_softcap:  # gemma2: tanh(scores / cap) * cap, tanh saves its output (modeling_gemma2.py)
+                saved["softcap_tanh"] = att * probs
 
     if a.model_type == "gpt2":
         norm("ln_1")
@@ -250,19 +284,7 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
         linear("fc2", "relu_out", "fc2")
         saved["resid_drop2"] = mask * T * a.hidden_size
     else:
-        norm("input_layernorm")
-        for n in ("q_proj", "k_proj", "v_proj"):
-            linear(n, "x1", n)
-        attention(s.peft.method == "prefix_tuning" and a.n_kv_heads != a.n_heads)
-        linear("o_proj", "o_in", "o_out")
-        norm("post_attention_layernorm")
-        linear("gate_proj", "x2", "gate")
-        linear("up_proj", "x2", "up")
-        i = a.intermediate_size
-        saved["gate"] = lin_out * T * i  # activation saves its input
-        saved["act_out"] = lin_out * T * i  # act(gate) * up saves both factors
-        saved["up"] = lin_out * T * i
-        linear("down_proj", "mlp_mid", "down")
+        rotary_layer_saves(s, saved, norm, linear, attention, lin_out, T, device)
     return saved
 
 
@@ -289,25 +311,28 @@ def model_activation_bytes(s: Scenario, device: str = "cpu") -> int:
     act = activation_bytes_per_element(s)
     T = tokens_per_micro_batch(s)
     total = final_norm_saved_bytes(s) + lm_head_saved_bytes(s)
+    if a.n_experts:
+        total += router_logits_bytes(s, T)
     prefix = s.peft.method == "prefix_tuning"
     if a.n_position_embeddings == 0 and not (prefix and a.n_layers == 1):
         # (prefix tuning: layer 0's rotary muls act on frozen q/k that need no gradient and save nothing)
-        total += 2 * act * T * a.head_dim
-    if prefix and s.training.attention == "sdpa":
-        # the prefix makes q and kv lengths differ, so transformers passes SDPA an explicit mask (masking_utils
-        # sdpa_mask: no is_causal shortcut), which torch converts to a float mask in the query dtype
-        # (convert_boolean_attn_mask) and the kernel saves: b x s x s_kv, shared by all layers. Measured on CPU.
-        b = s.training.batch_size
-        total += act * T * (T // b + s.peft.num_virtual_tokens)
-    if a.resid_dropout:  # embedding dropout (gpt2 embd_pdrop, opt dropout) saves its mask
+        # (cos and sin follow position_ids, (1, s) when the batch gives none: broadcast over the batch)
+        total += 2 * act * (T // s.training.batch_size) * a.head_dim
+
+    if a.resid_dropout and (s.training.checkpoint_every or s.peft.method in ("full", "prompt_tuning")):
+        # embedding dropout (gpt2 embd_pdrop, opt dropout) saves its mask when the embeddings' output needs a
+        # gradient (trained embeddings or prompt; checkpointing's enable_input_require_grads); measured on CPU
         total += dropout_mask_bytes_per_element(s, device) * T * a.hidden_size
     if s.training.checkpoint_every and s.training.attention == "eager":
         # eager attention gets an additive b x 1 x s x s_kv mask in the hidden dtype (transformers
         # masking_utils.py eager_mask); torch.utils.checkpoint keeps every input of a checkpointed layer,
         # the mask included, until that layer's backward (measured on CPU)
         b = s.training.batch_size
-        total += activation_bytes_per_element(s) * b * (T // b) * (T // b)
-    return total
+        k = s.training.checkpoint_every
+        ckpt_full_layers = set(range(0, a.n_layers, k)) - set(sliding_layer_ids(a) if window_active(s, T) else ())
+        if ckpt_full_layers:  # (layers with a sliding window take their own mask instead: below)
+            total += activation_bytes_per_element(s) * b * (T // b) * (T // b)
+    return total + sliding_window_mask_bytes(s, T)
 
 
 def final_norm_saved_bytes(s: Scenario) -> int:
@@ -318,8 +343,9 @@ def final_norm_saved_bytes(s: Scenario) -> int:
     if not a.final_norm:
         return 0
     if a.norm == "rms":  # full fine-tuning: weight * normed also saves normed, as in `norm`
-        normed = activation_bytes_per_element(s) * T * a.hidden_size if s.peft.method == "full" else 0
-        return FP32 * T * a.hidden_size + FP32 * T + normed
+        normed = normed_bytes(s) * T * a.hidden_size if s.peft.method == "full" else 0
+        one_plus_w = FP32 * a.hidden_size if a.model_type in GEMMA_NORMS else 0  # as in `norm`
+        return FP32 * T * a.hidden_size + FP32 * T + normed + one_plus_w
     return activation_bytes_per_element(s) * T * a.hidden_size + 2 * FP32 * T
 
 
@@ -330,7 +356,10 @@ def lm_head_saved_bytes(s: Scenario) -> int:
     a = s.model.arch
     total = amp.lm_head_cast_bytes(s) * a.vocab_size * a.embed_dim
     if s.peft.method == "full":
-        total += amp.input_cast_bytes(s, amp.norm_output_dtype(s, "cpu")) * tokens_per_micro_batch(s) * a.embed_dim
+        if amp.enabled(s):
+            total += amp.input_cast_bytes(s, amp.norm_output_dtype(s, "cpu")) * tokens_per_micro_batch(s) * a.embed_dim
+        else:  # F.linear saves its input, the final norm's output, for the trained weight (measured on CPU)
+            total += activation_bytes_per_element(s) * tokens_per_micro_batch(s) * a.embed_dim
     return total
 
 
@@ -346,6 +375,8 @@ def activation_bytes(s: Scenario, device: str = "cpu") -> int:
 
 
 FIRST_NORMS = ("input_layernorm.", "self_attn_layer_norm.", "ln_1.")  # each family's norm before attention
+QK_NORMS = ("self_attn.q_norm.", "self_attn.k_norm.")
+FIRST_INPUTS = tuple(f"self_attn.{n}." for n in ("q_proj", "k_proj", "v_proj", "qkv_proj")) + ("attn.c_attn.",)
 
 
 def first_layer_unsaved_bytes(s: Scenario, device: str = "cpu") -> int:
@@ -355,8 +386,22 @@ def first_layer_unsaved_bytes(s: Scenario, device: str = "cpu") -> int:
     if s.training.checkpoint_every:
         return 0
     total = 0
-    if s.peft.method == "prefix_tuning":
-        total = sum(v for key, v in layer_saves(s, device).items() if key.startswith(FIRST_NORMS) or key == "x1")
+    m, a = s.peft, s.model.arch
+    saves = layer_saves(s, device)
+    if m.method == "prefix_tuning":
+        total = sum(v for key, v in saves.items() if key.startswith(FIRST_NORMS + QK_NORMS) or key == "x1")
+    elif m.method in ("lora", "ia3"):
+        # the same holds for the first norm of LoRA/IA3 (frozen embeddings, no gradient into the layer's input:
+        # the adapters' own saves of its output stay), and for q_norm/k_norm on an untargeted projection
+        total = sum(v for key, v in saves.items() if key.startswith(FIRST_NORMS))
+        # LoRA dropout on that input saves no mask either (its output, lora_A's input, stays)
+        total += sum(v for key, v in saves.items() if key.endswith(".dropout_mask") and key.startswith(FIRST_INPUTS))
+        if a.qk_norm:
+            specs = {spec.name: spec for spec in a.layer_linears}
+            for proj, tag in (("q_proj", "self_attn.q_norm."), ("k_proj", "self_attn.k_norm.")):
+                if not _targeted(s, specs[proj]):
+                    total += sum(v for key, v in saves.items() if key.startswith(tag))
+    total += peft_methods.first_layer_unsaved_bytes(s, layer_saves(s, device))  # DoRA (estimate/peft_methods.py)
     return total + _first_layer_unsaved_casts(s, device)
 
 
@@ -401,9 +446,8 @@ def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = 
     full = s.peft.method == "full"
     per_layer_grad = 0
     if full:
-        per_layer_params = sum(x.n_weight_params + (x.out_features if x.bias else 0) for x in a.layer_linears)
-        per_layer_params += a.hidden_size * (2 if a.norm == "layer" else 1) * a.n_norms_per_layer
-        per_layer_grad = per_layer_params * trainable_bytes_per_element(s)
+        # linears, norms and the other layer parameters (q/k norms, router, expert stacks)
+        per_layer_grad = a.layer_param_count * trainable_bytes_per_element(s)
     if full:
         top_grads = grads - n * per_layer_grad - embedding_gradient_bytes(s)
     elif s.peft.method in ("lora", "ia3"):  # adapters sit in every layer; their gradients arrive layer by layer
@@ -454,7 +498,12 @@ def logits_bytes(s: Scenario) -> int:
     gradient and log_softmax's fp32 input gradient. An fp32 model needs no separate upcast."""
     a = s.model.arch
     n = tokens_per_micro_batch(s) * a.vocab_size
-    return n * (amp.held_logits_bytes_per_element(s) + 3 * FP32)
+    # gemma2's final soft-capping, tanh(logits / cap) * cap (modeling_gemma2.py): tanh saves its output
+    # (under autocast tanh's output stays in the autocast dtype of lm_head's output: measured)
+    softcap = 0
+    if a.final_softcap:
+        softcap = amp.autocast_bytes(s) if amp.enabled(s) else amp.held_logits_bytes_per_element(s)
+    return n * (amp.held_logits_bytes_per_element(s) + 3 * FP32 + softcap)
 
 
 def held_logits_bytes(s: Scenario) -> int:
@@ -513,6 +562,8 @@ def mlp_backward_moments(s: Scenario, device: str = "cpu") -> list[tuple[int, in
        saved tensors all freed.
     Measured on CPU."""
     a = s.model.arch
+    if a.n_experts:
+        return moe_backward_moments(s, layer_saves(s, device), tokens_per_micro_batch(s))
     grad = amp.linear_output_bytes(s) * tokens_per_micro_batch(s) * a.intermediate_size
     down = next(spec for spec in a.layer_linears if spec.path.endswith(DOWN_PROJECTIONS))
     saves = layer_saves(s, device)

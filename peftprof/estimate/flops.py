@@ -13,12 +13,23 @@ def matmul_flops_per_token(s: Scenario) -> tuple[int, int]:
     """(frozen, trainable) forward matmul FLOPs per token: 2 per weight (Kaplan et al. 2020, C_fwd = 2N),
     lm_head included; LoRA adds 2*r*(in+out) per targeted module."""
     a = s.model.arch
-    layer = sum(spec.n_weight_params for spec in a.layer_linears) * a.n_layers
+    layer = (sum(spec.n_weight_params for spec in a.layer_linears) + moe_active_params_per_layer(s)) * a.n_layers
     base = 2 * (layer + sum(spec.n_weight_params for spec in a.model_linears) + a.vocab_size * a.embed_dim)
     if s.peft.method == "full":
         return 0, base
     adapter = 2 * sum(trainable_tensors(s)) if s.peft.method == "lora" else 0
     return base, adapter
+
+
+def moe_active_params_per_layer(s: Scenario) -> int:
+    """Weights one token multiplies in a MoE layer besides its linears: the router (experts x hidden) and top-k of
+    the experts' stacks (Fedus et al. 2021, Switch Transformer: FLOPs follow active, not total, parameters; the
+    grouped matmuls of transformers' integrations/moe.py run exactly the T*k token-expert pairs). 0 for dense."""
+    a = s.model.arch
+    if not a.n_experts:
+        return 0
+    router = sum(p.numel for p in a.layer_params if p.path.endswith("gate.weight"))
+    return router + a.expert_params_per_layer * a.experts_per_token // a.n_experts
 
 
 def attention_flops_per_token(s: Scenario) -> int:

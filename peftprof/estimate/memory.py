@@ -12,6 +12,7 @@ import math
 from ..arch import Arch, LinearSpec
 from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
 from . import cuda, peft_methods
+from .moe import check_moe_analytic
 from .widths import (  # noqa: F401  (re-exported: tests read them here)
     ADAPTER_BYTES_PER_ELEMENT,
     BNB_8BIT_BLOCK,
@@ -35,6 +36,8 @@ def weight_bytes(s: Scenario) -> int:
     non-linear parameters in `non_quantized_bytes_per_element` (QLoRA paper, Dettmers et al. 2023)."""
     a = s.model.arch
     p = s.precision
+    if a.n_experts:  # the analytic estimate starts here: adapters on experts/router go to the trace (estimate/moe.py)
+        check_moe_analytic(s)
     if not p.is_quantized:
         return a.n_params * BYTES_PER_ELEMENT[p.weights] + peft_methods.frozen_adapter_bytes(s)
     linear_weights = sum(spec.n_weight_params for spec in quantized_linears(a))

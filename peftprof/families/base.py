@@ -83,12 +83,15 @@ class Arch:
     qk_norm: bool = False  # RMSNorm on q and k per head (qwen3, gemma3)
     sliding_window: int | None = None  # local attention span of the sliding layers
     n_sliding_layers: int = 0  # decoder layers with sliding-window attention
+    sliding_ids: tuple[int, ...] = ()  # their indices, where not simply the last n_sliding_layers (gemma2/3)
     attn_softcap: float | None = None  # tanh soft-capping of attention logits (gemma2)
     final_softcap: float | None = None  # tanh soft-capping of the output logits (gemma2)
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (gemma family)
     n_experts: int = 0  # mixture of experts: experts per MoE layer (0: dense)
     experts_per_token: int = 0  # top-k
     moe_intermediate_size: int = 0
+    shared_intermediate_size: int = 0  # qwen2_moe's always-on shared expert
+    router_logits: bool = False  # output_router_logits: router logits kept and the load-balancing loss added
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -215,12 +218,17 @@ def qk_norm_params(head_dim: int) -> tuple[ParamSpec, ...]:
 def sliding_layers(cfg: dict, n_layers: int, default_pattern: int) -> int:
     """How many layers use sliding-window attention: `layer_types` when given, else the family's default
     pattern (every `default_pattern`-th layer global; 0: none)."""
+    return len(sliding_layer_ids(cfg, n_layers, default_pattern))
+
+
+def sliding_layer_ids(cfg: dict, n_layers: int, default_pattern: int) -> tuple[int, ...]:
+    """The indices of the sliding-window layers (as `sliding_layers` counts them)."""
     types = cfg.get("layer_types")
     if isinstance(types, (list, tuple)):
-        return sum(1 for t in types if t == "sliding_attention")
+        return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     if not default_pattern or cfg.get("sliding_window") is None:
-        return 0
-    return sum(1 for i in range(n_layers) if (i + 1) % default_pattern)
+        return ()
+    return tuple(i for i in range(n_layers) if (i + 1) % default_pattern)
 
 
 # keys whose null transformers reads as "none" (no sliding window, no soft-capping): a null given for one of them

@@ -17,10 +17,12 @@ from .base import (
     keys_without,
     qk_norm_params,
     rotary_arch,
+    sliding_layer_ids,
     sliding_layers,
 )
 
-KEYS = keys_without(LLAMA_LIKE, "mlp_bias", "hidden_act", head_dim=("int?", 256),
+KEYS = keys_without(LLAMA_LIKE, "mlp_bias", "hidden_act", num_key_value_heads=("int?", 4),  # the config class's default
+                    head_dim=("int?", 256),
                     max_position_embeddings=("int", 131_072), tie_word_embeddings=("bool", True),
                     hidden_activation=("str", "gelu_pytorch_tanh"), query_pre_attn_scalar=("int", 256),
                     sliding_window=("int?", 4096), sliding_window_pattern=("int", 6),
@@ -39,6 +41,7 @@ def build(cfg: dict):
     return rotary_arch(cfg, linears=linears, n_norms=4, embed_scale=True, layer_params=qk_norm_params(head_dim),
                        qk_norm=True, sliding_window=cfg.get("sliding_window"),
                        n_sliding_layers=sliding_layers(cfg, cfg["num_hidden_layers"], cfg.get("sliding_window_pattern", 6)),
+                       sliding_ids=sliding_layer_ids(cfg, cfg["num_hidden_layers"], cfg.get("sliding_window_pattern", 6)),
                        attn_softcap=cfg.get("attn_logit_softcapping"), final_softcap=cfg.get("final_logit_softcapping"))
 
 
@@ -56,5 +59,4 @@ def from_hub(config: dict) -> dict:
 
 
 FAMILY = Family(name="gemma3_text", keys=KEYS, required=LLAMA_REQUIRED, build=build,
-                analytic=False,  # not modelled yet: 4 norms, q/k norms
                 ia3_targets=("q_proj", "v_proj", "down_proj"), from_hub=from_hub)

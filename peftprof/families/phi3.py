@@ -29,5 +29,5 @@ def build(cfg: dict):
                        n_sliding_layers=cfg["num_hidden_layers"] if window else 0)
 
 
-FAMILY = Family(name="phi3", keys=KEYS, required=LLAMA_REQUIRED, build=build, analytic=False,
+FAMILY = Family(name="phi3", keys=KEYS, required=LLAMA_REQUIRED, build=build,
                 lora_targets=None, ia3_targets=None, ia3_feedforward=None)

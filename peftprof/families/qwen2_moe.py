@@ -17,7 +17,8 @@ from .base import (
 from .moe import check_uniform, expert_params
 from .qwen2 import window_layers
 
-KEYS = keys_without(LLAMA_LIKE, "attention_bias", "mlp_bias", max_position_embeddings=("int", 32768),
+KEYS = keys_without(LLAMA_LIKE, "attention_bias", "mlp_bias", num_key_value_heads=("int?", 16),  # the config class's default
+                    max_position_embeddings=("int", 32768),
                     sliding_window=("int?", 4096), use_sliding_window=("bool", False), max_window_layers=("int", 28),
                     qkv_bias=("bool", True), decoder_sparse_step=("int", 1), moe_intermediate_size=("int", 1408),
                     shared_expert_intermediate_size=("int", 5632), num_experts_per_tok=("int", 4),
@@ -39,8 +40,10 @@ def build(cfg: dict):
     window, n_sliding = window_layers(cfg)
     return rotary_arch(cfg, linears=linears, layer_params=expert_params(n_exp, h, inter), n_experts=n_exp,
                        experts_per_token=k, moe_intermediate_size=inter, sliding_window=window,
+                       shared_intermediate_size=cfg["shared_expert_intermediate_size"],
+                       router_logits=bool(cfg.get("output_router_logits")),
                        n_sliding_layers=n_sliding)
 
 
-FAMILY = Family(name="qwen2_moe", keys=KEYS, required=LLAMA_REQUIRED, build=build, analytic=False, moe=True,
+FAMILY = Family(name="qwen2_moe", keys=KEYS, required=LLAMA_REQUIRED, build=build, moe=True,
                 lora_targets=None, ia3_targets=None, ia3_feedforward=None)

@@ -15,7 +15,8 @@ from .base import (
 )
 from .qwen2 import window_layers
 
-KEYS = keys_without(LLAMA_LIKE, "mlp_bias", head_dim=("int?", 128), max_position_embeddings=("int", 32768),
+KEYS = keys_without(LLAMA_LIKE, "mlp_bias", num_key_value_heads=("int?", 32),  # the config class's default
+                    head_dim=("int?", 128), max_position_embeddings=("int", 32768),
                     sliding_window=("int?", 4096), use_sliding_window=("bool", False), max_window_layers=("int", 28))
 
 
@@ -30,5 +31,4 @@ def build(cfg: dict):
 
 
 FAMILY = Family(name="qwen3", keys=KEYS, required=LLAMA_REQUIRED, build=build,
-                analytic=False,  # not modelled yet: q_norm/k_norm saves
                 ia3_targets=("q_proj", "v_proj", "down_proj"))

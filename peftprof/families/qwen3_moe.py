@@ -7,7 +7,8 @@ which peftprof does not model. No peft defaults."""
 from .base import LLAMA_LIKE, Family, attention_linears, heads, keys_without, qk_norm_params, rotary_arch
 from .moe import check_uniform, expert_params
 
-KEYS = keys_without(LLAMA_LIKE, "mlp_bias", intermediate_size=("int", 6144), max_position_embeddings=("int", 32768),
+KEYS = keys_without(LLAMA_LIKE, "mlp_bias", num_key_value_heads=("int?", 4),  # the config class's default
+                    intermediate_size=("int", 6144), max_position_embeddings=("int", 32768),
                     sliding_window=("int?", 4096), use_sliding_window=("bool", False),
                     decoder_sparse_step=("int", 1), moe_intermediate_size=("int", 768), num_experts_per_tok=("int", 8),
                     num_experts=("int", 128), norm_topk_prob=("bool", False), output_router_logits=("bool", False),
@@ -29,8 +30,9 @@ def build(cfg: dict):
     return rotary_arch(cfg, linears=attention_linears(h, n_heads, n_kv, head_dim, bias, bias),
                        layer_params=qk_norm_params(head_dim) + expert_params(n_exp, h, inter), qk_norm=True,
                        n_experts=n_exp, experts_per_token=k, moe_intermediate_size=inter, sliding_window=window,
+                       router_logits=bool(cfg.get("output_router_logits")),
                        n_sliding_layers=n_sliding)
 
 
-FAMILY = Family(name="qwen3_moe", keys=KEYS, required=REQUIRED, build=build, analytic=False, moe=True,
+FAMILY = Family(name="qwen3_moe", keys=KEYS, required=REQUIRED, build=build, moe=True,
                 lora_targets=None, ia3_targets=None, ia3_feedforward=None)
