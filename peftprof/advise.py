@@ -19,6 +19,8 @@ from .catalog import Gpu, gpus
 from .errors import UserError
 from .families import family
 from .settings import (
+    DistributedSettings,
+    InferenceSettings,
     ModelSettings,
     PeftSettings,
     PrecisionSettings,
@@ -27,6 +29,7 @@ from .settings import (
     TrainingSettings,
     frozen_mapping,
 )
+from .vision import is_vision
 
 ADVISE_HEADROOM = 0.05  # advise when less than 5% of the memory would stay free; changes must leave 5% free
 NOT_MODELLED = "the analytic speed model counts FLOPs only"
@@ -55,6 +58,12 @@ def need_bytes(est: dict) -> int:
     return est.get("device_bytes") or est["peak_bytes"]
 
 
+TEXT_COMBINE = "combine them (e.g. 4-bit weights and checkpointing)"
+VISION_COMBINE = ("advice on an image classifier tries smaller micro-batches only (4-bit weights are refused on it, "
+                  "checkpointing on ResNet, and the analytic model sizes neither checkpointing nor 8-bit "
+                  "optimizers): try a smaller image_size or fewer adapted layers")
+
+
 def _estimate(s: Scenario, target: Target) -> dict:
     from .estimate import estimate
 
@@ -69,6 +78,9 @@ def _candidates(s: Scenario):
     """(change text, dotted key, value, scenarios to try in order of preference, note)."""
     t, p, f = s.training, s.precision, s.peft
     a = s.model.arch
+    if is_vision(s):  # the loader refuses 4-bit weights and ResNet checkpointing; the analytic model 8-bit states
+        yield from _micro_batches(s)
+        return
     if f.method != "prefix_tuning" and t.checkpoint_every != 1:  # peft refuses prefix tuning + checkpointing
         every = t.checkpoint_every or a.n_layers + 1
         ks = [k for k in (8, 4, 2, 1) if k < every and k <= a.n_layers]
@@ -81,13 +93,7 @@ def _candidates(s: Scenario):
     if t.optimizer in ("adamw", "paged_adamw", "adamw_8bit"):
         yield ("optimizer", "training.optimizer", [_replace(s, "training", optimizer="paged_adamw_8bit")],
                f"states in CUDA unified memory, outside the peak; {NOT_MODELLED}")
-    if t.batch_size > 1:
-        divisors = [b for b in range(t.batch_size - 1, 0, -1) if t.batch_size % b == 0]
-        yield ("micro-batch", "training.batch_size",
-               [_replace(s, "training", batch_size=b, grad_accum_steps=t.grad_accum_steps * (t.batch_size // b))
-                for b in divisors],
-               f"same tokens per step through gradient accumulation; smaller matmuls run less efficiently "
-               f"({NOT_MODELLED})")
+    yield from _micro_batches(s)
     if t.seq_len > 1:
         lengths, n = [], t.seq_len
         while n > 16:
@@ -106,6 +112,17 @@ def _candidates(s: Scenario):
         if len(fewer.peft.targeted_linears(a)) < len(f.targeted_linears(a)):
             yield ("target modules", "peft.target_modules", [fewer], "peft's default modules for "
                    f"{a.model_type}: {', '.join(fewer.peft.targets(a))}")
+
+
+def _micro_batches(s: Scenario):
+    t = s.training
+    if t.batch_size > 1:
+        divisors = [b for b in range(t.batch_size - 1, 0, -1) if t.batch_size % b == 0]
+        yield ("micro-batch", "training.batch_size",
+               [_replace(s, "training", batch_size=b, grad_accum_steps=t.grad_accum_steps * (t.batch_size // b))
+                for b in divisors],
+               f"same tokens per step through gradient accumulation; smaller matmuls run less efficiently "
+               f"({NOT_MODELLED})")
 
 
 def _value(s: Scenario, key: str):
@@ -133,7 +150,8 @@ def advise(s: Scenario, target: Target) -> dict:
     base = _estimate(s, target)
     out = {"target": target.name, "device": target.device, "memory_bytes": target.memory_bytes,
            "budget_bytes": target.budget_bytes, "need_bytes": need_bytes(base), "peak_bytes": base["peak_bytes"],
-           "needed": need_bytes(base) > target.budget_bytes, "changes": []}
+           "needed": need_bytes(base) > target.budget_bytes, "changes": [],
+           "combine": VISION_COMBINE if is_vision(s) else TEXT_COMBINE}
     if not out["needed"]:
         return out
     base_tps = base.get("predicted_tokens_per_s")
@@ -164,14 +182,18 @@ def scenario_from_dict(d: dict) -> Scenario:
     """The Scenario behind a record's `scenario` (Scenario.to_dict); ValueError/TypeError/KeyError when it is
     not one."""
     peft = dict(d["peft"])
-    if isinstance(peft.get("target_modules"), list):
-        peft["target_modules"] = tuple(peft["target_modules"])
+    for key in ("target_modules", "modules_to_save", "target_parameters"):  # JSON lists; settings hold tuples
+        if isinstance(peft.get(key), list):
+            peft[key] = tuple(peft[key])
     model = d["model"]
     return Scenario(name=d["name"], scenario=d.get("scenario", d["name"]),
                     model=ModelSettings(preset=model.get("preset"), config_file=model.get("config_file"),
                                         config=frozen_mapping(model["config"])),
                     precision=PrecisionSettings(**d["precision"]), peft=PeftSettings(**peft),
-                    training=TrainingSettings(**d["training"]), run=RunSettings(**d["run"]))
+                    training=TrainingSettings(**d["training"]), run=RunSettings(**d["run"]),
+                    # absent from records written before these sections existed: their defaults
+                    distributed=DistributedSettings(**d.get("distributed", {})),
+                    inference=InferenceSettings(**d.get("inference", {})))
 
 
 def record_target(record: dict, s: Scenario) -> Target | None:
@@ -212,7 +234,7 @@ def advice_lines(variant: str, advice: dict) -> list[str]:
     if not advice["needed"]:
         return [head + ": fits, nothing to change"]
     if not advice["changes"]:
-        return [head + ": no single change fits; combine them (e.g. 4-bit weights and checkpointing)"]
+        return [head + ": no single change fits; " + advice.get("combine", TEXT_COMBINE)]
     lines = [head + ", changes that fit:"]
     for c in advice["changes"]:
         speed = "speed not predicted" if c["speed_change_pct"] is None else f"speed {c['speed_change_pct']:+.1f}%"

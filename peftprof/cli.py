@@ -307,6 +307,11 @@ def fit(scenario, gpu_name, axis, headroom, device, method):
     gpu = _gpu(gpu_name)
     frac = _parsed("--headroom", parse_fraction, headroom)
     variants = _load([scenario])
+    from .vision import is_vision
+
+    if axis == "world_size" and any(is_vision(v) for v in variants):  # vision/rules.py refuses [distributed]
+        raise UserError(f"{scenario}: --axis world_size: distributed training of an image classifier is not "
+                        "supported yet (use --axis batch_size)")
     from .arch import analytic_gap
 
     gaps = {gap for v in variants if (gap := analytic_gap(v.model.arch.model_type))}

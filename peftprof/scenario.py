@@ -17,6 +17,7 @@ from pathlib import Path
 from . import arch as arch_mod
 from . import hub as hub_mod
 from . import rules_distributed, rules_inference, rules_peft
+from .activations_known import ACT_KEYS, KNOWN_ACTIVATIONS
 from .catalog import model_presets
 from .errors import Problem, UserError, clean, show
 from .estimate.alloc_conf import ALLOWED as ALLOC_CONF_ALLOWED
@@ -151,11 +152,16 @@ def _check_model_keys(c: Collector, model_type: str, given: dict, origin: str, s
             msg = check_value(Key("float", 0, None, lo_open=True), value)
         else:
             msg = check_value(Key(kind), value)
+        if not msg and key in ACT_KEYS and value not in KNOWN_ACTIVATIONS:  # transformers activations.py ACT2FN
+            msg = f"{value!r} is not an activation of transformers (allowed: {', '.join(KNOWN_ACTIVATIONS)})"
         if msg:
             c.add("model", key if origin == "inline" else source, msg if origin == "inline" else
                   f"{clean(origin)}: {key} {msg}")
         else:
             checked[key] = value
+    labels = given.get("id2label")  # transformers PretrainedConfig: num_labels = len(id2label) when only it is given
+    if "num_labels" in family and given.get("num_labels") is None and isinstance(labels, dict) and labels:
+        checked["num_labels"] = len(labels)
     return checked
 
 

@@ -25,6 +25,8 @@ PEAK_PHASES = ("forward", "backward", "optimizer")  # track.py PHASES: where cla
 # decoder layer containers of the supported models: llama/mistral/qwen2/gemma `model.layers.N`, gpt2
 # `transformer.h.N`, opt `model.decoder.layers.N`
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+# ResNet blocks (transformers modeling_resnet.py): `resnet.encoder.stages.S.layers.B`, keyed "S.B"
+_STAGE_BLOCK = re.compile(r"(?:^|\.)stages\.(\d+)\.layers\.(\d+)(?:\.|$)")
 MODEL_LABEL = "(model top level, e.g. the loss)"
 
 
@@ -106,6 +108,10 @@ def module_label(where: str | None, category: str) -> str:
 
 
 def layer_of(where: str | None) -> str | None:
+    """The decoder layer ("3") or ResNet stage and block ("1.0") a module path lies in (None: neither)."""
+    m = _STAGE_BLOCK.search(where or "")
+    if m is not None:
+        return f"{m[1]}.{m[2]}"
     m = _LAYER.search(where or "")
     return None if m is None else m[1]
 
@@ -139,7 +145,8 @@ def at_peak(tracker, n_top: int = N_TOP, n_groups: int = N_GROUPS) -> dict:
             "dtype": _dtype(a.dtype), "module": label, "layer": layer_of(a.where), "allocated_in": a.phase}
            for n, _, a, cat, label in rows[:n_top]]
     by_module = sorted(modules.values(), key=lambda g: (-g["bytes"], g["module"]))[:n_groups]
-    by_layer = sorted(layers.values(), key=lambda g: (g["layer"] is None, int(g["layer"] or 0)))[:MAX_LAYERS]
+    by_layer = sorted(layers.values(), key=lambda g: (g["layer"] is None,
+                                                            [int(x) for x in (g["layer"] or "0").split(".")]))[:MAX_LAYERS]
     return {"live_bytes": totals[peak_i], "n_live": len(live), "top_tensors": top, "by_module": by_module,
             "by_layer": by_layer}
 

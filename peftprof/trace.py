@@ -313,7 +313,8 @@ def trace_peak(s: Scenario, snapshot_path=None) -> dict:
             if not is_vision(s) else synthetic_batch(s, "cpu", None)  # images and labels: peftprof/vision/build.py
 
         # the runner's CPU probe, idle through the warm-up steps as in the runner; no RSS (fake tensors)
-        probe = CpuProbe(vocab_size=s.model.arch.vocab_size, sample_rss=False)
+        probe = CpuProbe(vocab_size=s.model.arch.vocab_size, sample_rss=False,
+                         logits_ndim=getattr(s.model.arch, "logits_ndim", None))
         for _ in range(max(1, s.run.warmup_steps)):
             train_step(built, s, ids, probe, {})
         registered = registered_tensors(built)

@@ -7,6 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftprof.arch import analytic_gap, build_arch, resolve_keys
 from peftprof.families import REGISTRY, family, hub_rewrite
+from peftprof.vision import VISION_TYPES
 
 # One small config per family, shaped to exercise its details (GQA, head_dim != hidden/heads, biases, tied
 # embeddings, experts, shared experts, fused projections).
@@ -53,7 +54,7 @@ def first_layer(model):
 
 
 def test_the_registry_holds_the_required_families():
-    assert set(TINY) == set(REGISTRY)
+    assert set(TINY) | set(VISION_TYPES) == set(REGISTRY)  # vision families: tests/test_vision.py
     with pytest.raises(ValueError, match=r"unknown model family 'Llama' \(allowed: llama, mistral, qwen2, qwen3"):
         family("Llama")
 
@@ -236,6 +237,8 @@ def test_moe_trace_equals_the_measurement_whatever_the_routing(write_scenario, m
 
 def test_sdpa_flag_matches_what_transformers_accepts():
     for name, fam in REGISTRY.items():
+        if name in VISION_TYPES:  # image classifiers, not causal LMs (tests/test_vision.py)
+            continue
         cfg = dict(resolve_keys(name, TINY[name]))
         conf = CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
         conf._attn_implementation = "sdpa"

@@ -256,11 +256,10 @@ def test_hub_model_loads_and_estimate_answers_through_the_trace(hf_cache, write_
     result = CliRunner().invoke(cli, ["estimate", str(path), "--device", "cpu", "--format", "json"])
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
-    assert row["estimate"]["method"] == "trace" and row["estimate"]["peak_bytes"] > 0
+    assert row["estimate"]["method"] == "analytic" and row["estimate"]["peak_bytes"] > 0
     assert row["scenario"]["model"]["hub"] == "Qwen/Qwen3-8B"
     assert row["estimate"]["n_params"] == s.model.arch.n_params
-    assert result.stderr.startswith("note: s: the analytic estimator does not model qwen3's saved tensors yet; "
-                                    "--method trace answers instead, from the trace alone (")
+    assert "note:" not in result.stderr  # qwen3 is modelled analytically: no fallback to the trace
 
 
 def test_hub_revision_is_recorded_and_changes_the_settings_key(hf_cache, write_scenario):

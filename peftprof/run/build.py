@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..settings import Scenario
+from ..settings import ADAPTER_METHODS, Scenario
 from ..vision import build as vision_build
 from ..vision import is_vision
 
@@ -184,7 +184,8 @@ def _peft_config(s: Scenario):
     m = s.peft
     a = s.model.arch
     task = None if is_vision(s) else peft.TaskType.CAUSAL_LM  # image classifiers: peftprof/vision/build.py
-    targets = "all-linear" if m.target_modules == "all-linear" else list(m.targets(a))
+    adapts = m.method in ADAPTER_METHODS  # prompt/prefix tuning target no modules (phi3 has no peft default)
+    targets = "all-linear" if m.target_modules == "all-linear" else list(m.targets(a)) if adapts else None
     saved = list(m.modules_to_save) or None
     if m.method == "lora":
         return peft.LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=targets, task_type=task,

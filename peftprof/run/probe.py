@@ -133,8 +133,9 @@ class CpuProbe:
 
     device = "cpu"
 
-    def __init__(self, *, cap_bytes: int | None = None, vocab_size: int | None = None, sample_rss: bool = True):
-        self.cap_bytes, self.vocab_size = cap_bytes, vocab_size
+    def __init__(self, *, cap_bytes: int | None = None, vocab_size: int | None = None, sample_rss: bool = True,
+                 logits_ndim: int | None = None):
+        self.cap_bytes, self.vocab_size, self.logits_ndim = cap_bytes, vocab_size, logits_ndim
         self.rss = Sampler(rss_bytes) if sample_rss else None
         if self.rss is not None:
             self.rss.start()
@@ -143,7 +144,7 @@ class CpuProbe:
 
     @contextlib.contextmanager
     def tracking(self, registered: dict[str, list]):
-        self.tracker = MemoryTracker(cap_bytes=self.cap_bytes, vocab_size=self.vocab_size)
+        self.tracker = MemoryTracker(cap_bytes=self.cap_bytes, vocab_size=self.vocab_size, logits_ndim=self.logits_ndim)
         for category, tensors in registered.items():
             self.tracker.register(tensors, category)
         self.active = True

@@ -190,7 +190,8 @@ def run_variant(s: Scenario, *, device: str, steps: int | None = None, max_memor
         return run_inference(s, record, device=device, steps=steps, max_memory=max_memory, fault=fault,
                              progress=progress)
     steps = steps or s.run.steps
-    probe = make_probe(device, cap_bytes=max_memory, vocab_size=s.model.arch.vocab_size)
+    probe = make_probe(device, cap_bytes=max_memory, vocab_size=s.model.arch.vocab_size,
+                       logits_ndim=getattr(s.model.arch, "logits_ndim", None))
     where = {"phase": "build"}
     say = progress or (lambda msg: None)
     built = None

@@ -72,6 +72,7 @@ class MemoryTracker(TorchDispatchMode):
 
     cap_bytes: int | None = None
     vocab_size: int | None = None
+    logits_ndim: int | None = None  # an image classifier's logits are (batch, num_labels): 2 (None: any rank >= 2)
     phase: str = "setup"
     allocs: dict[int, _Alloc] = field(default_factory=dict)
     events: list[tuple[int, int]] = field(default_factory=list)  # (uid, +1 alloc / -1 free)
@@ -238,7 +239,8 @@ class MemoryTracker(TorchDispatchMode):
             for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     shape = t.shape
-                    is_logits = len(shape) >= 2 and shape[-1] == self.vocab_size
+                    is_logits = len(shape) >= 2 and shape[-1] == self.vocab_size \
+                        and self.logits_ndim in (None, len(shape))
                     for st in storages_of(t):
                         self._add(st, None, is_logits, t, where)
         return out

@@ -76,6 +76,7 @@ class VisionArch:
 
     # the decoder-only pipeline's questions, answered for an image classifier
     vocab_size = property(lambda self: self.num_labels)  # the probe tags (batch, num_labels) outputs as logits
+    logits_ndim = 2  # and only those: a feature map whose last dim equals num_labels is not (run/track.py)
     # seq_len does not apply (the loader refuses it and sets 1: one sample); no bound on it from here
     max_positions = 10_000_000
     n_experts = 0

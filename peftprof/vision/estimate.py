@@ -21,6 +21,7 @@ from .arch import ConvSpec, VisionArch
 from .resnet_memory import resnet_step_peak
 
 FP32 = 4
+DEFAULT_ACT = {"vit": "gelu", "resnet": "relu"}  # the activation each model's saved tensors are written for
 
 
 def _targeted(s: Scenario) -> list:
@@ -82,6 +83,9 @@ def unsupported(s: Scenario) -> str | None:
         return "the analytic vision model covers plain LoRA and full fine-tuning"
     if s.training.optimizer not in ("adamw", "sgd"):
         return "the analytic vision model covers the adamw and sgd optimizers"
+    act = DEFAULT_ACT[a.model_type]
+    if a.hidden_act != act:  # the saved tensors of other activations differ (e.g. quick_gelu saves two)
+        return f"the analytic vision model covers {a.model_type} with hidden_act {act!r} only (not {a.hidden_act!r})"
     return None
 
 
@@ -231,11 +235,27 @@ def memory_breakdown(s: Scenario, device: str) -> tuple[dict[str, int], str]:
     logits, loss = b * a.num_labels * FP32, FP32
     moments = [("backward", {"gradients": grads if accum else 0, "activations": saved + loss,
                              "logits": 2 * logits, "temporaries": 0})]
+    if accum and s.peft.method == "full":
+        # a later micro-batch, the classifier's backward: its new weight and bias gradients (added into the held
+        # .grad: torch/csrc/autograd/functions/accumulate_grad.h), the logits and their gradient, its input's
+        # gradient (B x H) beside every saved tensor (measured: trace)
+        cls = a.linears[-1]
+        moments.append(("backward", {"gradients": grads, "activations": saved + loss, "logits": 2 * logits,
+                                     "temporaries": (cls.in_features + 1) * cls.out_features * FP32
+                                     + b * cls.in_features * FP32 + FP32}))
     if saved - tail:  # the last layer saved something: its backward runs through the MLP
         bth, bti = b * a.n_tokens * a.hidden_size * FP32, b * a.n_tokens * a.intermediate_size * FP32
         moments.append(("backward", {"gradients": grads if accum else grads_early,
                                      "activations": saved - tail + loss, "logits": logits,
                                      "temporaries": bth + (3 if fc2_lora(s) else 2) * bti + FP32}))
+        if accum and s.peft.method == "full":
+            # a later micro-batch: the last fc2's weight and bias gradients are new tensors, added into the held
+            # .grad (torch/csrc/autograd/functions/accumulate_grad.h), while its input is still saved and the
+            # gradients of its output (B x T x H) and input (B x T x intermediate) are live (measured: trace)
+            fc2 = next(x for x in a.linears if x.path == f"vit.layers.{a.n_layers - 1}.mlp.fc2")
+            new_grad = (fc2.in_features + 1) * fc2.out_features * FP32
+            moments.append(("backward", {"gradients": grads, "activations": saved - tail + bti + loss,
+                                         "logits": logits, "temporaries": bth + bti + new_grad + FP32}))
     moments.append(("optimizer", {"gradients": grads, "activations": 0, "logits": 0, "temporaries": opt_temp}))
     phase, varying = max(moments, key=lambda m: sum(m[1].values()))
     return {c: int({**persistent, **varying}[c]) for c in CATEGORIES}, phase

@@ -63,9 +63,13 @@ class Replay:
                 self.live.pop(t, None)
 
     def grad(self, nbytes: int) -> None:
+        """A parameter's gradient is made. Accumulating (count_grads False: the held gradients are counted by the
+        caller), it is a new tensor added into .grad and freed (torch/csrc/autograd/functions/accumulate_grad.h)."""
         if self.count_grads:
             self.grads += nbytes
-        self._check()
+            self._check()
+        else:
+            self.release(self.alloc(nbytes, "temporaries"))
 
     def _check(self) -> None:
         total = sum(self.live.values()) + self.grads
@@ -160,17 +164,20 @@ def resnet_step_peak(arch: VisionArch, *, batch: int, adapted: set[str], r: int,
                 rp.save(y)
             rp.release(n)
 
-        def backward(d_y: int):
-            """The input's gradient; d_y stays the caller's."""
+        def backward(d_y: int, last_use: bool = False):
+            """The input's gradient; d_y stays the caller's unless this is its last user (`last_use`: the engine
+            frees a node's input gradient once the node has run, before the conv's backward)."""
             d = d_y
             if relu:
                 d = rp.alloc(out_b)
                 rp.unsave(y)
+                if last_use:
+                    rp.release(d_y)
             d_c = rp.alloc(out_b)
             if full:
                 rp.grad(2 * spec.out_channels * FP32)
             rp.unsave(c_out, stats)
-            if d is not d_y:
+            if d is not d_y or last_use:
                 rp.release(d)
             return conv_bwd(d_c)
 
@@ -259,8 +266,9 @@ def resnet_step_peak(arch: VisionArch, *, batch: int, adapted: set[str], r: int,
             grads_x.append(d_h)  # identity shortcut: the gradient passes through
         dl = d_h
         for bwd in reversed(layer_bwds):
-            nxt = bwd(dl)
-            if dl != d_h or d_h not in grads_x:  # the block's last BatchNorm was d_h's last user
+            last = dl != d_h or d_h not in grads_x  # the block's last BatchNorm is d_h's last user
+            nxt = bwd(dl, last)
+            if last:
                 rp.release(dl)
             dl = nxt
             if dl is None:
