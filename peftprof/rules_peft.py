@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from .schema import Collector, Key
 from .settings import METHODS
 
+# peft add_weighted_adapter combination types we build (tuners/lora/model.py); "none": no merge
+COMBINATIONS = ("none", "linear", "cat", "svd")
 SCHEMA: dict[str, Key] = {
     "method": Key("choice", choices=METHODS),
     "r": Key("int", 1, 65536),
@@ -23,13 +25,14 @@ SCHEMA: dict[str, Key] = {
     "modules_to_save": Key("names"),
     "target_parameters": Key("names"),
     "num_adapters": Key("int", 1, 1024),
+    "combination": Key("choice", choices=COMBINATIONS),
 }
 # which PEFT keys apply to which method (a key set for another method is "not applicable"). LoHa/LoKr take peft's
 # r and alpha (no input dropout: their rank/module dropouts are left at peft's 0), VeRA r and vera_dropout
 # (`dropout`, no alpha), OFT r as peft's number of blocks per layer (oft_block_size = in_features / r; peft
 # takes one of the two); peft/tuners/{loha,lokr,vera,oft}/config.py, peft 0.21.2
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "modules_to_save",
-             "target_parameters", "num_adapters")
+             "target_parameters", "num_adapters", "combination")
 PEFT_KEYS_BY_METHOD = {
     "full": (), "lora": LORA_KEYS, "ia3": ("target_modules",),
     "prompt_tuning": ("num_virtual_tokens",), "prefix_tuning": ("num_virtual_tokens",),
@@ -60,6 +63,7 @@ def check(c: Collector, cond: Collector, parts: Parts, model) -> None:
     """Rules of the newer [peft] keys against the other sections."""
     _check_methods(c, parts, model)
     _check_target_parameters(c, parts, model)
+    _check_combination(c, parts)
 
 
 def _check_methods(c: Collector, parts: Parts, model) -> None:
@@ -146,3 +150,28 @@ def _check_target_parameters(c: Collector, parts: Parts, model) -> None:
         c.add("peft", "target_parameters", f"{', '.join(unknown)} matches no expert parameter of "
               f"{model.arch.model_type}" + ("" if experts else " (a dense model: it has none)"),
               ", ".join(experts) if experts else "no target_parameters")
+
+
+def _check_combination(c: Collector, parts: Parts) -> None:
+    """peft's static merge of the K adapters (LoraModel.add_weighted_adapter, tuners/lora/model.py), trained as
+    a new adapter: what peft or our estimators refuse (method other than lora: dropped as not applicable)."""
+    peft = parts.peft
+    combo = peft.get("combination", "none")
+    if combo == "none":
+        return
+    if peft.get("num_adapters", 1) < 2:
+        c.add("peft", "combination", f"{combo} merges the K adapters of num_adapters; there is "
+              f"{peft.get('num_adapters', 1)}", "none, or num_adapters >= 2")
+    if peft.get("target_parameters"):
+        c.add("peft", "combination", "peft's add_weighted_adapter does not support target_parameters (it raises "
+              "'does not support targeting nn.Parameter')", "none, or no target_parameters")
+    if peft.get("use_dora"):
+        c.add("peft", "combination", "a DoRA merge is not what it says in peft 0.21.2: the combined adapter's magnitude "
+              "is computed from the base weight before the merged A and B are written (measured)",
+              "none, or use_dora = false")
+    if (parts.dist or {}).get("world_size", 1) > 1:
+        c.add("peft", "combination", "a merge across several processes has not been checked against a measurement",
+              "none, or [distributed] world_size = 1")
+    if (parts.inf or {}).get("enabled"):
+        c.add("peft", "combination", "serving a merged adapter beside its K sources is not estimated",
+              "none, or [inference] enabled = false")

@@ -72,6 +72,7 @@ class PeftSettings:
     modules_to_save: tuple[str, ...] = ()  # modules trained in full beside the adapter (peft modules_to_save)
     target_parameters: tuple[str, ...] = ()  # LoRA on nn.Parameters, e.g. MoE expert stacks (peft target_parameters)
     num_adapters: int = 1  # adapters loaded on the base: one trained, the others resident
+    combination: str = "none"  # LoRA, K >= 2: train peft add_weighted_adapter's merge of the K (linear|cat|svd)
 
     def targets(self, arch: Arch) -> tuple[str, ...]:
         """Target names as peft receives them (all-linear expanded to leaf names, lm_head excluded)."""
@@ -209,7 +210,8 @@ class Scenario:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-LATER_KEYS = {"peft": ("use_dora", "use_rslora", "modules_to_save", "target_parameters", "num_adapters"),
+LATER_KEYS = {"peft": ("use_dora", "use_rslora", "modules_to_save", "target_parameters", "num_adapters",
+                       "combination"),
               "distributed": ("world_size", "strategy", "cpu_offload"),
               "inference": ("enabled", "merged", "max_new_tokens", "max_memory")}
 

@@ -195,6 +195,13 @@ def test_trace_answers_for_loha_lokr_vera_oft(write_scenario):
      "[peft] num_adapters: several adapters with modules_to_save"),
     ('method = "lora"\nuse_dora = true', 'weights = "nf4"\n[training]\ngradient_checkpointing = "full"',
      "[peft] use_dora: DoRA on nf4 with gradient checkpointing"),
+    ('method = "lora"\ncombination = "cat"', 'weights = "fp32"',
+     "[peft] combination: cat merges the K adapters of num_adapters; there is 1"),
+    ('method = "lora"\nnum_adapters = 2\ncombination = "svd"\nuse_dora = true', 'weights = "fp32"',
+     "[peft] combination: a DoRA merge is not what it says"),
+    ('method = "lora"\nnum_adapters = 2\ncombination = "ties"', 'weights = "fp32"', "[peft] combination:"),
+    ('method = "loha"\ncombination = "linear"', 'weights = "fp32"',
+     "[peft] combination: does not apply to method loha"),
 ])
 def test_loader_refuses_with_one_line(write_scenario, peft, precision, message):
     path = write_scenario(f"{ARCH}[precision]\n{precision}\n[peft]\n{peft}\n")
@@ -202,3 +209,62 @@ def test_loader_refuses_with_one_line(write_scenario, peft, precision, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+# peft add_weighted_adapter (tuners/lora/model.py) over K = 3 adapters of r = 4 on q_proj (64 -> 64) and v_proj
+# (64 -> 32), 2 layers: one adapter is 2 x (4*64 + 64*4 + 4*64 + 32*4) = 1792 values; linear and svd train a
+# rank-4 combined adapter (1792), cat a rank-12 one (3 x 1792 = 5376); the 3 originals stay resident (3 x 1792 fp32)
+MERGE_HAND = {"linear": (1792, 3 * 1792 * 4), "cat": (5376, 3 * 1792 * 4),
+              # svd: lora_A is a view of the in x in Vh: 2 layers x 2 linears x (64 - 4) x 64 fp32 beyond A's own
+              "svd": (1792, 3 * 1792 * 4 + 2 * 2 * 60 * 64 * 4)}
+
+
+@pytest.mark.parametrize("combo", sorted(MERGE_HAND))
+def test_merge_counts_by_hand_and_against_peft(write_scenario, combo):
+    from peftprof.run.build import build, tensor_bytes
+
+    s = scenario(write_scenario, f'method = "lora"\nr = 4\nnum_adapters = 3\ncombination = "{combo}"\n'
+                 'target_modules = ["q_proj", "v_proj"]')
+    trained, frozen = MERGE_HAND[combo]
+    assert sum(mem.trainable_tensors(s)) == trained and pm.frozen_adapter_bytes(s) == frozen
+    model = build(s, "cpu").model
+    assert model.active_adapters == ["combined"]
+    params = dict(model.named_parameters())
+    assert sorted(p.numel() for p in params.values() if p.requires_grad) == sorted(mem.trainable_tensors(s))
+    assert all(".combined." in n for n, p in params.items() if p.requires_grad)
+    resident = [p for n, p in params.items() if "lora_" in n and ".combined." not in n]
+    combined = [p for n, p in params.items() if ".combined." in n]
+    assert all(not p.requires_grad for p in resident)
+    # the storages behind the adapters: the K originals, and what the combined one holds beyond its own values
+    assert tensor_bytes(resident) + tensor_bytes(combined) - 4 * trained == frozen
+
+
+def test_merge_against_the_runner(write_scenario):
+    """linear and svd: the analytic peak within 0.1% of the CPU runner's (svd's retained Vh included); cat: the
+    analytic estimator refuses and the trace equals the runner, with the combined adapter in the base dtype (bf16:
+    peft creates it so and add_weighted_adapter does not upcast it); svd: the trace refuses."""
+    from peftprof.errors import UserError
+    from peftprof.run.runner import run_variant
+    from peftprof.trace import trace_peak
+
+    for combo, weights in (("linear", "fp32"), ("svd", "fp32"), ("cat", "bf16")):
+        s = scenario(write_scenario, f'method = "lora"\nr = 4\nnum_adapters = 3\ncombination = "{combo}"\n'
+                     'target_modules = "all-linear"', precision=f'weights = "{weights}"')
+        rec = run_variant(s, device="cpu")
+        assert rec["status"] == "ok", rec.get("error")
+        measured = rec["measured"]
+        if combo == "cat":
+            assert "rank-12" in pm.analytic_gap(s)
+            traced = trace_peak(s)
+            assert traced["peak_bytes"] == measured["peak_bytes"] and traced["breakdown"] == measured["breakdown"]
+            assert measured["breakdown"]["trainable"] == 2 * sum(mem.trainable_tensors(s))  # bf16, rank 12
+            continue
+        assert pm.analytic_gap(s) is None
+        analytic = estimate(s, device="cpu")
+        assert abs(analytic["peak_bytes"] / measured["peak_bytes"] - 1) < 0.001
+        b, m = analytic["breakdown"], measured["breakdown"]
+        # (64 B: the base weights' known offset, the same without a merge)
+        assert abs(b["weights"] + b["trainable"] - m["weights"] - m["trainable"]) <= 64
+        if combo == "svd":
+            with pytest.raises(UserError, match="svd merge"):
+                trace_peak(s)

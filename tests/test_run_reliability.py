@@ -271,7 +271,7 @@ import os, sys, time
 import peftprof.run.runner as r
 real = r.run_variant
 def logged(s, **kw):
-    time.sleep(0.5)  # the remaining variants outlast the test's random delay on any machine
+    time.sleep(1.5)  # the remaining variants outlast the test's random delay, even on a loaded machine
     rec = real(s, **kw)
     with open(os.environ["FINISHED_LOG"], "a") as f:
         f.write(s.name + "\n")

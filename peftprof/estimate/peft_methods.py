@@ -5,7 +5,8 @@ where the option is off. Bytes throughout (element counts where the name says so
 
 What the analytic estimator models here (each checked against the CPU runner, benchmarks/accuracy_methods.py):
 DoRA's magnitude vectors, saved tensors and forward transients (a forward moment of the step, added by
-estimate/__init__.py step_moments), rsLoRA (scaling only: nothing changes), K resident LoRA adapters.
+estimate/__init__.py step_moments), rsLoRA (scaling only: nothing changes), K resident LoRA adapters and their
+linear/svd merge (add_weighted_adapter: a rank-r adapter trained beside the K; cat's rank-K r one: trace only).
 LoHa, LoKr, VeRA and OFT have exact trainable counts (tests/test_peft_methods.py checks them against peft's
 own models), but their saved tensors are not modelled: `--method trace` answers for them (analytic_gap).
 """
@@ -22,6 +23,9 @@ TRACE_ONLY_METHODS = ("loha", "lokr", "vera", "oft")
 def analytic_gap(s: Scenario) -> str | None:
     """Why the analytic estimator cannot answer for this variant's PEFT settings (None: it can)."""
     m = s.peft
+    if m.method == "lora" and m.combination == "cat":
+        return (f"the analytic estimator does not model the saved tensors of cat's rank-{combined_rank(m)} combined "
+                "adapter")
     if m.method in TRACE_ONLY_METHODS:
         return f"the analytic estimator does not model {m.method}'s saved tensors"
     if m.modules_to_save:
@@ -62,6 +66,12 @@ def trainable_tensors(m, a: Arch) -> tuple[int, ...] | None:
         out = []
         for spec in m.targeted_linears(a):
             out += [m.r * spec.in_features, spec.out_features * m.r, spec.out_features] * _copies(spec, a)
+        return tuple(out)
+    if m.method == "lora" and m.combination == "cat":
+        out = []
+        for spec in m.targeted_linears(a):
+            r = combined_rank(m)
+            out += [r * spec.in_features, spec.out_features * r] * _copies(spec, a)
         return tuple(out)
     if m.method not in TRACE_ONLY_METHODS:
         return None
@@ -127,15 +137,40 @@ def vera_projection_elements(m, a: Arch) -> int:
 
 # --- resident adapters ------------------------------------------------------------------------------------------
 
+def combined_rank(m) -> int:
+    """Rank of peft's combined adapter (tuners/lora/model.py _check_add_weighted_adapter, equal ranks): linear
+    keeps r, cat sums the K ranks (K r), svd takes the largest (r, svd_rank unset); "none": r."""
+    return m.r * m.num_adapters if m.combination == "cat" else m.r
+
+
 def frozen_adapter_bytes(s: Scenario) -> int:
-    """Adapters resident but not trained (num_adapters - 1 of them, peft add_adapter): each as large as the
-    trained one, in the adapter dtype (fp32: peft's autocast_adapter_dtype)."""
+    """Adapters resident but not trained, in the adapter dtype (fp32: peft's autocast_adapter_dtype): without a
+    combination num_adapters - 1 of them (peft add_adapter), each as large as the trained one; with one all K
+    (add_weighted_adapter adds the combined adapter, the one trained, beside them), each of rank r."""
     m = s.peft
     if m.num_adapters <= 1 or m.method != "lora":  # (the loader gives num_adapters to LoRA only)
         return 0
+    if m.combination != "none":
+        one = sum((m.r * sp.in_features + sp.out_features * m.r) * _copies(sp, s.model.arch)
+                  for sp in m.targeted_linears(s.model.arch))
+        return m.num_adapters * one * ADAPTER_BYTES_PER_ELEMENT + svd_factor_excess_bytes(s)
     from .memory import trainable_tensors as all_trainable  # (memory.py imports this module)
 
     return (m.num_adapters - 1) * sum(all_trainable(s)) * ADAPTER_BYTES_PER_ELEMENT
+
+
+def svd_factor_excess_bytes(s: Scenario) -> int:
+    """peft's svd merge (tuners/lora/model.py _svd_generalized_task_arithmetic_weighted_adapter) takes
+    torch.linalg.svd(delta, full_matrices=True) of each out x in delta and sets lora_A.data = Vh[:r, :], a view:
+    the whole in x in Vh (fp32, the adapter dtype) stays alive behind the r x in adapter for as long as the model
+    does (B = U[:, :r] @ diag(S) is a new tensor). The bytes beyond lora_A's own, never trained; booked with the
+    frozen adapters (the runner counts them with the trainable storages). Measured on CPU."""
+    m = s.peft
+    if m.method != "lora" or m.combination != "svd":
+        return 0
+    a = s.model.arch
+    return ADAPTER_BYTES_PER_ELEMENT * sum((sp.in_features - m.r) * sp.in_features * _copies(sp, a)
+                                           for sp in m.targeted_linears(a))
 
 
 # --- saved tensors ----------------------------------------------------------------------------------------------

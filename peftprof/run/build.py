@@ -302,9 +302,39 @@ def adapt(model, s: Scenario):
         # K-1 more adapters of the same config, resident but neither active nor trained: peft's add_adapter
         # leaves the active adapter as it is and its set_adapter freezes the others (peft_model.py add_adapter)
         model.add_adapter(f"resident_{i}", _peft_config(s))
+    if s.peft.combination == "svd" and on_meta:
+        from ..errors import UserError
+
+        raise UserError(f"{s.name}: --method trace cannot see the in x in SVD factor peft's svd merge keeps behind "
+                        "each combined lora_A (a view, estimate/peft_methods.py svd_factor_excess_bytes): its stand-in "
+                        "parameters hold their own shape only; --method analytic answers")
+    if s.peft.combination != "none":
+        # the static merge: a new adapter from the K, weights 1/K (peft tuners/lora/model.py add_weighted_adapter,
+        # which builds it frozen); set_adapter makes it the one trained and freezes the K
+        names = list(model.peft_config)
+        model.add_weighted_adapter(adapters=names, weights=[1 / len(names)] * len(names), adapter_name="combined",
+                                   combination_type=s.peft.combination)
+        model.set_adapter("combined")
+        if on_meta and s.peft.combination == "cat":
+            _cast_combined_like_peft(model)
     if s.peft.method in ("loha", "lokr") and on_meta:
         _decide_module_dropout_on_fake_tensors(model)
     return model
+
+
+def _cast_combined_like_peft(model) -> None:
+    """On a real device peft creates the combined adapter in its base layer's float dtype (tuners_utils.py
+    _move_adapter_to_device_of_base_layer; bnb 4-bit: its compute_dtype) and add_weighted_adapter does not upcast
+    it: cat fills it in place and keeps that dtype (bf16 on a bf16 or nf4 base, measured); linear and svd replace
+    its data with fp32 tensors. On meta peft skips that move, so the trace makes it here (cat only)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and "combined" in module.lora_A:
+            _, dtype = module._get_base_layer_device_and_dtype(module.get_base_layer())
+            if dtype is not None and dtype.is_floating_point:
+                for layer in (module.lora_A["combined"], module.lora_B["combined"]):
+                    layer.weight.data = layer.weight.data.to(dtype)
 
 
 class _NoModuleDropout(float):
