@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from trace_large import run_case  # noqa: E402  (one fresh, cold-cache process per case, as trace_large measures)
+
 OUT = ROOT / "benchmarks" / "results" / "trace_fsdp_70b.md"
 TARGET_S, TARGET_RSS_GIB = 120, 2.0
 
@@ -48,35 +50,6 @@ strategy = "fsdp"
 world_size = {world_size}
 """
 CASES = {f"llama-2-70b-qlora-fsdp-{n}ranks": SCENARIO.replace("{world_size}", str(n)) for n in (8, 2)}
-
-CHILD = r"""
-import json, resource, sys, time
-t0 = time.perf_counter()
-from peftprof.scenario import load_scenario
-from peftprof.trace import trace_peak
-(s,) = load_scenario(sys.argv[1])
-out = trace_peak(s)
-wall = time.perf_counter() - t0
-usage = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024,
-                  "peak_bytes": out["peak_bytes"],
-                  "peak_phase": out["peak_phase"], "breakdown": out["breakdown"], "wrapped_bytes": out["wrapped_bytes"]}))
-"""
-
-
-def run_case(name: str, text: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.toml"
-        path.write_text(text)
-        env = dict(os.environ, PEFTPROF_CACHE=tmp)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, env=env,
-                              cwd=ROOT, timeout=1800)
-        elapsed = time.perf_counter() - t0
-    if proc.returncode:
-        return {"name": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1], "process_s": elapsed}
-    return {"name": name, "process_s": elapsed, **json.loads(proc.stdout.strip().splitlines()[-1])}
-
 
 def main() -> int:
     import bitsandbytes

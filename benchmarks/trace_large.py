@@ -52,13 +52,15 @@ from peftprof.trace import trace_peak
 (s,) = load_scenario(sys.argv[1])
 out = trace_peak(s)
 wall = time.perf_counter() - t0
-rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"wall_s": wall, "peak_rss_bytes": rss_kib * 1024, "peak_bytes": out["peak_bytes"],
-                  "peak_phase": out["peak_phase"], "breakdown": out["breakdown"]}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024,
+                  "peak_bytes": out["peak_bytes"], "peak_phase": out["peak_phase"], "breakdown": out["breakdown"]}))
 """
 
 
 def run_case(name: str, text: str) -> dict:
+    """Trace one scenario in a fresh process with a cold cache: wall and CPU time, peak RSS, the traced peak
+    (benchmarks/trace_fsdp_70b.py uses it too)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.toml"
         path.write_text(text)

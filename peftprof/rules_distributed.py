@@ -42,7 +42,7 @@ SHARDED_PARAM_STRATEGIES = ("fsdp", "zero3")  # the parameters themselves are pa
 
 
 def check(c: Collector, cond: Collector, parts, model) -> None:
-    """Rules of [distributed] against the other sections. `parts`: rules_peft.Parts. Every problem is added
+    """Rules of [distributed] against the other sections. `parts`: schema.Parts. Every problem is added
     (none hides another)."""
     dist = parts.dist
     world = dist.get("world_size", 1)

@@ -35,7 +35,7 @@ def max_memory_bytes(text: str) -> int | None:
 
 
 def check(c: Collector, cond: Collector, parts, model) -> None:
-    """Rules of [inference] against the other sections. `parts`: rules_peft.Parts."""
+    """Rules of [inference] against the other sections. `parts`: schema.Parts."""
     inf, train, peft, prec = parts.inf, parts.train, parts.peft, parts.prec
     if not inf.get("enabled", False):
         for key in [k for k in inf if k != "enabled"]:

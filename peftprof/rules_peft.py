@@ -6,9 +6,7 @@ not apply to this variant go to `cond` and are dropped)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from .schema import Collector, Key
+from .schema import Collector, Key, Parts
 from .settings import METHODS
 
 # peft add_weighted_adapter combination types we build (tuners/lora/model.py); "none": no merge
@@ -45,18 +43,6 @@ PEFT_KEYS_BY_METHOD = {
 SAVABLE_MODULES = {"gpt2": ("wte", "wpe", "ln_f", "lm_head"),
                    "opt": ("embed_tokens", "embed_positions", "final_layer_norm", "lm_head")}
 SAVABLE_DEFAULT = ("embed_tokens", "norm", "lm_head")
-
-
-@dataclass
-class Parts:
-    """The valid keys of one variant's sections, before they become settings (rules may change them)."""
-
-    prec: dict = field(default_factory=dict)
-    peft: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
-    run: dict = field(default_factory=dict)
-    dist: dict = field(default_factory=dict)
-    inf: dict = field(default_factory=dict)
 
 
 def check(c: Collector, cond: Collector, parts: Parts, model) -> None:

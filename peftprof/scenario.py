@@ -23,7 +23,7 @@ from .errors import Problem, UserError, clean, show
 from .estimate.alloc_conf import ALLOWED as ALLOC_CONF_ALLOWED
 from .estimate.alloc_conf import alloc_conf_problems
 from .families import ANY_CAUSAL_LM, REGISTRY, family, generic, hub_rewrite
-from .schema import POLICY_EVERY, Collector, Key, allowed_text, check_value
+from .schema import POLICY_EVERY, Collector, Key, Parts, allowed_text, check_value
 from .settings import (
     ATTENTIONS,
     AUTOCAST_KINDS,
@@ -448,7 +448,7 @@ def _variant(c: Collector, cond: Collector, raw: dict, base_dir: Path, name: str
         if every and (len(every[1]) > 9 or int(every[1]) > a.n_layers):
             c.add("training", "gradient_checkpointing", f"{clean(policy)}: the model has only {a.n_layers} layers",
                   f"every_1 .. every_{a.n_layers}")
-    parts = rules_peft.Parts(prec=prec, peft=peft, train=train, run=run, dist=dist, inf=inf)
+    parts = Parts(prec=prec, peft=peft, train=train, run=run, dist=dist, inf=inf)
     for rules in (rules_peft, rules_distributed, rules_inference, vision_rules):
         rules.check(c, cond, parts, model)
     if len(c.problems) > n0 or model is None:

@@ -112,3 +112,15 @@ class Collector:
     def add(self, section, key, message, allowed=None, variant=None):
         self.problems.append(Problem(file=self.file, section=section, key=key, message=message, allowed=allowed,
                                      variant=variant))
+
+
+@dataclass
+class Parts:
+    """The valid keys of one variant's sections, before they become settings (rules may change them)."""
+
+    prec: dict = field(default_factory=dict)
+    peft: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)
+    dist: dict = field(default_factory=dict)
+    inf: dict = field(default_factory=dict)
