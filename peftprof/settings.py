@@ -16,7 +16,7 @@ FOUR_BIT_KINDS = ("int4", "fp4", "nf4")
 BNB_4BIT_KINDS = ("fp4", "nf4")  # bitsandbytes Linear4bit quant_type
 COMPUTE_DTYPES = FLOAT_KINDS
 AUTOCAST_KINDS = ("none", "bf16", "fp16")  # torch.autocast dtype of the forward and loss; "none": no autocast
-METHODS = ("full", "lora", "ia3", "prompt_tuning", "prefix_tuning", "loha", "lokr", "vera", "oft")
+METHODS = ("full", "lora", "ia3", "prompt_tuning", "prefix_tuning", "loha", "lokr", "vera", "oft", "xlora")
 ADAPTER_METHODS = ("lora", "ia3", "loha", "lokr", "vera", "oft")  # methods that adapt target_modules' layers
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")  # [distributed] strategy
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
@@ -73,6 +73,9 @@ class PeftSettings:
     target_parameters: tuple[str, ...] = ()  # LoRA on nn.Parameters, e.g. MoE expert stacks (peft target_parameters)
     num_adapters: int = 1  # adapters loaded on the base: one trained, the others resident
     combination: str = "none"  # LoRA, K >= 2: train peft add_weighted_adapter's merge of the K (linear|cat|svd)
+    xlora_depth: int = 1  # X-LoRA: layers of the gating classifier (peft XLoraConfig.xlora_depth)
+    xlora_size: int = 2048  # X-LoRA: hidden size of the classifier when xlora_depth > 1 (XLoraConfig.xlora_size)
+    layerwise_scalings: bool = False  # X-LoRA: one gate per decoder layer (XLoraConfig.layerwise_scalings)
 
     def targets(self, arch: Arch) -> tuple[str, ...]:
         """Target names as peft receives them (all-linear expanded to leaf names, lm_head excluded)."""
@@ -211,7 +214,7 @@ class Scenario:
 
 
 LATER_KEYS = {"peft": ("use_dora", "use_rslora", "modules_to_save", "target_parameters", "num_adapters",
-                       "combination"),
+                       "combination", "xlora_depth", "xlora_size", "layerwise_scalings"),
               "distributed": ("world_size", "strategy", "cpu_offload"),
               "inference": ("enabled", "merged", "max_new_tokens", "max_memory")}
 

@@ -15,23 +15,17 @@ from __future__ import annotations
 
 from ..arch import Arch, LinearSpec
 from ..settings import Scenario, matches_target
+from . import adapter_saves
+from .adapter_saves import TRACE_ONLY_METHODS
 from .widths import ADAPTER_BYTES_PER_ELEMENT, FP32
-
-TRACE_ONLY_METHODS = ("loha", "lokr", "vera", "oft")
 
 
 def analytic_gap(s: Scenario) -> str | None:
     """Why the analytic estimator cannot answer for this variant's PEFT settings (None: it can)."""
     m = s.peft
-    if m.method == "lora" and m.combination == "cat":
-        return (f"the analytic estimator does not model the saved tensors of cat's rank-{combined_rank(m)} combined "
-                "adapter")
-    if m.method in TRACE_ONLY_METHODS:
-        return f"the analytic estimator does not model {m.method}'s saved tensors"
-    if m.modules_to_save:
-        return "the analytic estimator does not model modules_to_save (full trainable copies beside the adapter)"
-    if m.target_parameters:
-        return "the analytic estimator does not model target_parameters (LoRA on parameters)"
+    gap = adapter_saves.analytic_gap(s)  # LoHa, LoKr, VeRA, OFT, modules_to_save, target_parameters, cat
+    if gap is not None:
+        return gap
     if m.use_dora and s.precision.autocast != "none":
         return "the analytic estimator does not model DoRA under autocast"
     if m.use_dora and s.model.arch.model_type in ("gpt2", "opt"):
@@ -200,6 +194,7 @@ def linear_saves(s: Scenario, spec, saved: dict[str, int], in_key: str, T: int, 
     division's divisor), m / ||.||_c and its minus-one (3 fp32 vectors); with dropout on a non-fp32 base the
     fp32 weight copy (`dora_weight_copy_saved`). The weight norm itself is detached (DoRA paper sec. 4.3):
     its full-size terms (the identity, B A, W + s BA) are transients of the forward. Measured on CPU."""
+    saved = adapter_saves.linear_saves(s, spec, saved, in_key, T, act, device)  # methods other than LoRA/DoRA
     if not _dora_targeted(s, spec):
         return saved
     out = dict(saved)
