@@ -95,7 +95,7 @@ def presets(fmt):
     Example:
       peftprof presets --format json
     """
-    from .arch import build_arch, resolve_keys
+    from .arch import analytic_gap, build_arch, resolve_keys
     from .catalog import gpus, model_presets
     from .textfmt import GIB
 
@@ -107,7 +107,9 @@ def presets(fmt):
                        "n_active_params": a.n_active_params, "n_experts": a.n_experts,
                        "experts_per_token": a.experts_per_token, "hidden_size": a.hidden_size,
                        "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-                       "vocab_size": a.vocab_size, "max_positions": a.max_positions})
+                       "vocab_size": a.vocab_size, "max_positions": a.max_positions,
+                       # which `estimate --method` answers for its family (the trace answers for every model)
+                       "analytic": analytic_gap(a.model_type) is None})
     gpu_rows = [{"name": g.name, "memory_gib": g.memory_bytes / GIB, "bf16_tflops": g.bf16_tflops,
                  "bandwidth_gbps": g.bandwidth_bytes_per_s / 1e9} for g in gpus().values()]
     if fmt == "json":
@@ -116,10 +118,11 @@ def presets(fmt):
     from .textfmt import table
 
     click.echo(table(["model", "type", "params", "active params", "experts", "hidden", "layers", "heads", "kv heads",
-                      "vocab", "max pos"],
+                      "vocab", "max pos", "estimators"],
                      [[m["name"], m["model_type"], f"{m['n_params']:,}", f"{m['n_active_params']:,}",
                        f"{m['experts_per_token']} of {m['n_experts']}" if m["n_experts"] else "-", m["hidden_size"],
-                       m["n_layers"], m["n_heads"], m["n_kv_heads"], m["vocab_size"], m["max_positions"]]
+                       m["n_layers"], m["n_heads"], m["n_kv_heads"], m["vocab_size"], m["max_positions"],
+                       "analytic, trace" if m["analytic"] else "trace"]
                       for m in models]))
     click.echo()
     click.echo(table(["gpu", "memory GiB", "bf16 TFLOP/s", "bandwidth GB/s"],
@@ -145,21 +148,24 @@ def _estimates(paths, method, device, gpu_name, mfu):
     return out
 
 
-def estimate_rows(results) -> tuple[list[str], list[list]]:
+def estimate_rows(results, *, adaptive: bool = False) -> tuple[list[str], list[list]]:
+    """Header and rows of the estimate table: sizes in GiB, or with `adaptive` (the human-readable table) in the
+    largest unit the largest peak reaches (tiny models read in MiB or KiB, not 0.00 GiB). CSV keeps GiB."""
     from .results import CATEGORIES
-    from .textfmt import gib
+    from .textfmt import GIB, in_unit, size_unit
 
+    unit, size = size_unit([e["peak_bytes"] for _, e in results]) if adaptive else ("GiB", GIB)
     with_gpu = any("gpu" in e for _, e in results)
     with_host = any(e.get("host_bytes") for _, e in results)  # [distributed] cpu_offload
-    headers = ["variant", "peak GiB"] + list(CATEGORIES) + (["host GiB"] if with_host else [])
+    headers = ["variant", f"peak {unit}"] + list(CATEGORIES) + ([f"host {unit}"] if with_host else [])
     if with_gpu:
-        headers += ["gpu", "fits", "headroom GiB", "tokens/s"]
+        headers += ["gpu", "fits", f"headroom {unit}", "tokens/s"]
     rows = []
     for v, e in results:
-        row = [v.name, gib(e["peak_bytes"])] + [gib(e["breakdown"][c]) for c in CATEGORIES]
-        row += [gib(e.get("host_bytes", 0))] if with_host else []
+        row = [v.name, in_unit(e["peak_bytes"], size)] + [in_unit(e["breakdown"][c], size) for c in CATEGORIES]
+        row += [in_unit(e.get("host_bytes", 0), size)] if with_host else []
         if with_gpu:
-            row += [e["gpu"], "yes" if e["fits"] else "NO", gib(e["headroom_bytes"]),
+            row += [e["gpu"], "yes" if e["fits"] else "NO", in_unit(e["headroom_bytes"], size),
                     "-" if e.get("predicted_tokens_per_s") is None else f"{e['predicted_tokens_per_s']:,.0f}"]
         rows.append(row)
     return headers, rows
@@ -220,7 +226,7 @@ def estimate(scenarios, gpu_name, device, method, fmt, mfu, advise, report_path)
     if fmt == "json":
         click.echo(json.dumps(records, indent=2))
         return
-    headers, rows = estimate_rows(results)
+    headers, rows = estimate_rows(results, adaptive=fmt == "table")
     click.echo(table(headers, rows) if fmt == "table" else csv_text(headers, rows), nl=fmt == "table")
     if advise:
         from .advise import advice_lines
@@ -348,18 +354,21 @@ def fit(scenario, gpu_name, axis, headroom, device, method):
 
 
 def run_summary(records) -> str:
+    """The table printed after a run, sizes in the largest unit the largest peak reaches (textfmt.size_unit)."""
     from .results import measured_error
-    from .textfmt import gib, table
+    from .textfmt import in_unit, size_unit, table
 
+    unit, size = size_unit([r["estimate"]["peak_bytes"] for r in records]
+                           + [(r.get("measured") or {}).get("peak_bytes") for r in records])
     rows = []
     for r in records:
         m = r.get("measured") or {}
         err = measured_error(r)
         status = r["status"] if r["status"] == "ok" else f"{r['status']} ({(r.get('error') or {}).get('phase')})"
-        rows.append([r["variant"], status, gib(r["estimate"]["peak_bytes"]), gib(m.get("peak_bytes")),
+        rows.append([r["variant"], status, in_unit(r["estimate"]["peak_bytes"], size), in_unit(m.get("peak_bytes"), size),
                      "-" if err is None else f"{err * 100:+.1f}%",
                      "-" if not m.get("tokens_per_s") else f"{m['tokens_per_s']:,.0f}"])
-    return table(["variant", "status", "estimated GiB", "measured GiB", "error", "tokens/s"], rows)
+    return table(["variant", "status", f"estimated {unit}", f"measured {unit}", "error", "tokens/s"], rows)
 
 
 @cli.command()

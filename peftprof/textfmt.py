@@ -44,6 +44,24 @@ def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
 
+SIZE_UNITS = (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def size_unit(values) -> tuple[str, int]:
+    """The largest binary unit (GiB, MiB, KiB) in which the largest of `values` (bytes; None ignored) is at least
+    1, so that a table of tiny models does not read 0.00 throughout: (its name, its size in bytes)."""
+    largest = max((abs(v) for v in values if v is not None), default=0)
+    for name, size in SIZE_UNITS:
+        if largest >= size:
+            return name, size
+    return SIZE_UNITS[-1]
+
+
+def in_unit(n: float | None, size: int) -> str:
+    """`n` bytes in a unit of `size` bytes, two decimals ("-" for None)."""
+    return "-" if n is None else f"{n / size:.2f}"
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     cells = [[visible(c) for c in headers]] + [["" if c is None else visible(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -38,6 +38,36 @@ def test_presets_table_and_json():
     assert "6,738,415,616" in table and "H200" in table
 
 
+def test_presets_say_which_estimators_answer(monkeypatch):
+    import dataclasses
+
+    from peftprof import families
+
+    data = json.loads(CliRunner().invoke(cli, ["presets", "--format", "json"]).output)
+    assert {m["name"]: m["analytic"] for m in data["models"]}["llama-2-7b"] is True
+    # a family the analytic estimator does not model shows "trace" only
+    monkeypatch.setitem(families.REGISTRY, "gpt2", dataclasses.replace(families.REGISTRY["gpt2"], analytic=False))
+    table = CliRunner().invoke(cli, ["presets"]).output
+    rows = {line.split()[0]: line for line in table.splitlines()[2:] if line}
+    assert rows["gpt2"].endswith("  trace") and rows["llama-2-7b"].endswith("  analytic, trace")
+
+
+def test_size_unit_picks_the_largest_unit_the_largest_value_reaches():
+    from peftprof.textfmt import in_unit, size_unit
+
+    assert size_unit([3 << 30, 5]) == ("GiB", 1 << 30)
+    assert size_unit([None, (1 << 30) - 1]) == ("MiB", 1 << 20)
+    assert size_unit([1023]) == ("KiB", 1024) and size_unit([]) == ("KiB", 1024)
+    assert in_unit(1536 << 10, 1 << 20) == "1.50" and in_unit(None, 1 << 20) == "-"
+
+
+def test_estimate_table_of_a_tiny_model_reads_in_mib_and_csv_keeps_gib():
+    table = CliRunner().invoke(cli, ["estimate", str(ROOT / "scenarios" / "quickstart.toml")]).output
+    assert table.splitlines()[0].split()[:3] == ["variant", "peak", "MiB"]
+    csv = CliRunner().invoke(cli, ["estimate", str(ROOT / "scenarios" / "quickstart.toml"), "--format", "csv"]).output
+    assert csv.splitlines()[0].startswith("variant,peak GiB,")
+
+
 def test_validate_ok_lists_variants():
     result = CliRunner().invoke(cli, ["validate", str(ROOT / "scenarios" / "quickstart.toml")])
     assert result.exit_code == 0

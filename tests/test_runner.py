@@ -203,7 +203,8 @@ def test_run_command_writes_results_report_and_summary(tmp_path):
     scen.write_text(TINY)
     result = CliRunner().invoke(cli, ["run", str(scen), "--out", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "variant  status  estimated GiB  measured GiB  error  tokens/s" in result.output
+    # a tiny model: sizes in MiB (textfmt.size_unit), not 0.00 GiB
+    assert "variant  status  estimated MiB  measured MiB  error  tokens/s" in result.output
     assert f"results: {tmp_path / 'out' / 'tiny.jsonl'}" in result.output
     assert (tmp_path / "out" / "tiny.html").exists()
     import pandas as pd
