@@ -24,6 +24,10 @@ SCHEMA: dict[str, Key] = {
     "target_parameters": Key("names"),
     "num_adapters": Key("int", 1, 1024),
     "combination": Key("choice", choices=COMBINATIONS),
+    # X-LoRA's classifier (peft XLoraConfig; run/xlora.py): depth, hidden width when deeper than 1, per-layer gates
+    "xlora_depth": Key("int", 1, 64),
+    "xlora_size": Key("int", 1, 1 << 20),
+    "layerwise_scalings": Key("bool"),
 }
 # which PEFT keys apply to which method (a key set for another method is "not applicable"). LoHa/LoKr take peft's
 # r and alpha (no input dropout: their rank/module dropouts are left at peft's 0), VeRA r and vera_dropout
@@ -38,6 +42,11 @@ PEFT_KEYS_BY_METHOD = {
     "lokr": ("r", "alpha", "target_modules", "modules_to_save"),
     "vera": ("r", "dropout", "target_modules", "modules_to_save"),
     "oft": ("r", "target_modules", "modules_to_save"),
+    # X-LoRA: K = num_adapters LoRA experts (r, alpha, dropout, target_modules, rsLoRA scaling) and the classifier;
+    # no use_dora: peft's X-LoRA raises on DoRA experts ("X-LoRA currently does not support LoRA layers with DoRA",
+    # tuners/xlora/layer.py), so the key does not apply
+    "xlora": ("r", "alpha", "dropout", "target_modules", "use_rslora", "num_adapters", "xlora_depth", "xlora_size",
+              "layerwise_scalings"),
 }
 # modules peft's modules_to_save can train in full, per family (their names in transformers' models)
 SAVABLE_MODULES = {"gpt2": ("wte", "wpe", "ln_f", "lm_head"),
@@ -50,6 +59,8 @@ def check(c: Collector, cond: Collector, parts: Parts, model) -> None:
     _check_methods(c, parts, model)
     _check_target_parameters(c, parts, model)
     _check_combination(c, parts)
+    if parts.peft.get("method") == "xlora":
+        _check_xlora(c, cond, parts, model)
 
 
 def _check_methods(c: Collector, parts: Parts, model) -> None:
@@ -161,3 +172,53 @@ def _check_combination(c: Collector, parts: Parts) -> None:
     if (parts.inf or {}).get("enabled"):
         c.add("peft", "combination", "serving a merged adapter beside its K sources is not estimated",
               "none, or [inference] enabled = false")
+
+
+def _check_xlora(c: Collector, cond: Collector, parts: Parts, model) -> None:
+    """X-LoRA (peft XLoraModel, run/xlora.py): K >= 2 frozen LoRA experts and a trained gating classifier. What
+    peft 0.21.2 refuses or breaks on (measured on CPU), and what neither estimator has been checked on."""
+    from .families import family
+
+    peft, prec, train = parts.peft, parts.prec, parts.train
+    k = peft.get("num_adapters", 1)
+    if k < 2:
+        c.add("peft", "num_adapters", f"X-LoRA gates K LoRA experts; there is {k}", ">= 2")
+    if peft.get("xlora_depth", 1) == 1 and "xlora_size" in peft:
+        cond.add("peft", "xlora_size", "the classifier's hidden width applies only with xlora_depth > 1 (peft "
+                 "ignores it at depth 1)")
+        peft.pop("xlora_size")
+    weights = prec.get("weights", "bf16")
+    if weights in ("int8", "fp4", "nf4"):
+        c.add("precision", "weights", f"X-LoRA on {weights} weights fails in peft 0.21.2: it gates only plain "
+              "lora.Linear layers (tuners/xlora/model.py convert_layers_to_xlora) and hands its gates to the "
+              "bitsandbytes LoRA layers as an argument they do not take (measured: 'forward() got an unexpected "
+              "keyword argument scalings')", "fp32 | fp16 | bf16")
+    elif weights == "int4":
+        c.add("precision", "weights", "X-LoRA on int4 weights cannot be estimated: the analytic estimator does not "
+              "model X-LoRA and the trace cannot quantize int4 (optimum-quanto) on meta tensors", "fp32 | fp16 | bf16")
+    if train.get("gradient_checkpointing", "none") != "none":
+        c.add("training", "gradient_checkpointing", "X-LoRA fails under gradient checkpointing in peft 0.21.2: its "
+              "gates reach the experts through forward pre-hooks removed when the forward returns, so the "
+              "recomputation in backward runs without them (measured: torch.utils.checkpoint 'A different number "
+              "of tensors was saved during the original forward and recomputation')", "none")
+    if train.get("optimizer", "adamw").startswith("paged"):
+        c.add("training", "optimizer", "with X-LoRA the share of the classifier's optimizer state that bitsandbytes "
+              "pages on CUDA is not estimated", "adamw | adamw_8bit | sgd")
+    if (parts.dist or {}).get("world_size", 1) > 1:
+        c.add("peft", "method", "X-LoRA across several processes has not been checked against a measurement",
+              "lora, or [distributed] world_size = 1")
+    if (parts.inf or {}).get("enabled"):
+        c.add("peft", "method", "serving X-LoRA (its scaling pass and gated experts) is not estimated",
+              "lora, or [inference] enabled = false")
+    if model is not None:
+        from .families import REGISTRY
+
+        a = model.arch
+        if a.model_type not in REGISTRY:  # (image classifiers: vision/rules.py refuses every method but lora, full)
+            c.add("peft", "method", f"X-LoRA on {a.model_type}, a model type outside peftprof's families, has not "
+                  "been checked (its classifier reads the last hidden state, whose width differs between models)",
+                  "lora, or a model of the families of `peftprof presets`")
+            return
+        fam = family(a.model_type)
+        if peft.get("target_modules") is None and fam.lora_targets is None:
+            c.add("peft", "target_modules", f"peft has no default for {fam.name}", ", ".join(a.linear_names))

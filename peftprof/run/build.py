@@ -297,6 +297,10 @@ def adapt(model, s: Scenario):
         raise UserError(f"{s.name}: --method trace cannot build DoRA on {p.weights} weights: peft dequantizes the "
                         "real bitsandbytes weight (utils/integrations.py dequantize_module_weight), which the "
                         "trace's stand-ins do not hold; --method analytic answers")
+    if s.peft.method == "xlora":  # K frozen LoRA experts and a trained gating classifier (run/xlora.py)
+        from .xlora import wrap_xlora
+
+        return wrap_xlora(model, s)
     model = peft.get_peft_model(model, _peft_config(s))
     for i in range(1, s.peft.num_adapters):
         # K-1 more adapters of the same config, resident but neither active nor trained: peft's add_adapter
