@@ -4,8 +4,10 @@
 FSDP2 by the runner's own code (run/distributed.py apply_strategy) and stepped with the runner's step and probe.
 So a 70B model sharded over 8 GPUs is traced on a laptop: every tensor rank 0 would hold, and nothing else.
 
-Rank 0 is traced: torch.chunk gives it the largest shard when a dimension does not divide evenly (FSDP2 pads
-every rank's storage to that size; optimizer states follow the unpadded shard), so its peak is the largest.
+Rank 0 is traced by default: torch.chunk gives it the largest shard when a dimension does not divide evenly (FSDP2
+pads every rank's storage to that size; optimizer states follow the unpadded shard), so its peak is the largest.
+`rank=r` traces another rank (this process is rank r of the fake group): tests/test_fsdp_repeat.py compares each
+measured rank with its own trace.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ TRACED_STRATEGIES = ("ddp", "fsdp")
 
 
 @contextlib.contextmanager
-def fake_process_group(world_size: int):
-    """The default process group as a fake one of `world_size` ranks, this process being rank 0."""
+def fake_process_group(world_size: int, rank: int = 0):
+    """The default process group as a fake one of `world_size` ranks, this process being `rank`."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise UserError("--method trace of a [distributed] variant needs a process without a process group")
-    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
     try:
         yield
     finally:
@@ -74,8 +76,9 @@ def check_traceable_distributed(s: Scenario) -> None:
                         "use --method analytic")
 
 
-def trace_peak_distributed(s: Scenario, snapshot_path=None) -> dict:
-    """trace.trace_peak for world_size > 1: rank 0's tensor-level peak and breakdown, same fields."""
+def trace_peak_distributed(s: Scenario, snapshot_path=None, rank: int = 0) -> dict:
+    """trace.trace_peak for world_size > 1: `rank`'s tensor-level peak and breakdown (rank 0: the largest), same
+    fields."""
     import logging
     import math
     import warnings
@@ -100,6 +103,8 @@ def trace_peak_distributed(s: Scenario, snapshot_path=None) -> dict:
     warnings.filterwarnings("ignore", category=UserWarning)
     check_traceable(s)
     check_traceable_distributed(s)
+    if not 0 <= rank < s.distributed.world_size:
+        raise ValueError(f"rank {rank} is not one of the {s.distributed.world_size} ranks")
     if s.precision.weights == "int4":
         raise UserError(f"{s.name}: --method trace does not support int4 (optimum-quanto cannot quantize meta "
                         "tensors); use --method analytic")
@@ -116,7 +121,7 @@ def trace_peak_distributed(s: Scenario, snapshot_path=None) -> dict:
     class Built:  # what train_step and registered_tensors read
         pass
 
-    with fake_process_group(s.distributed.world_size):
+    with fake_process_group(s.distributed.world_size, rank):
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (s.distributed.world_size,))  # outside fake mode: it reads real ranks
@@ -160,7 +165,7 @@ def trace_peak_distributed(s: Scenario, snapshot_path=None) -> dict:
 
         write_snapshot(probe.tracker, snapshot_path)
     return {"peak_bytes": result.peak_bytes, "peak_phase": result.peak_phase, "breakdown": result.breakdown,
-            "phase_peaks": result.phase_peaks, "wrapped_bytes": wrapped_bytes, "rank": 0,
+            "phase_peaks": result.phase_peaks, "wrapped_bytes": wrapped_bytes, "rank": rank,
             "world_size": s.distributed.world_size, "strategy": s.distributed.strategy,
             "n_trainable_params": sum(p.numel() for p in view.model.parameters() if p.requires_grad),
             "alloc_stream": tracker_stream(probe.tracker, paged), **explain(probe.tracker)}

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .build import build, make_optimizer, model_bytes
-from .distributed import apply_strategy, clear_buckets, held_outside_step, inner_model
+from .distributed import apply_strategy, clear_buckets, held_outside_step, inner_model, unsettled_collectives
 from .probe import make_probe, now
 from .runner import _adapter_checks, error_info
 from .step import inject_fault, optimizer_state, registered_tensors, synthetic_batch, train_step
@@ -88,6 +88,9 @@ def run_rank(s, *, device: str, steps: int, max_memory: int | None, fault: str |
             from ..timeline import explain
 
             rec["measured"].update(explain(tracker))
+            # 0 when every free was seen in the step's program order (run/distributed.py wait_released)
+            rec["measured"]["off_thread_frees"] = tracker.off_thread_frees
+        rec["measured"]["unsettled_collectives"] = unsettled_collectives()
         rec["checks"]["merge_max_abs_diff"] = None
         rec["checks"]["merge_note"] = "not checked under [distributed] (peft merges an unsharded model)"
     except (torch.OutOfMemoryError, MemoryError, SimulatedOOM) as e:

@@ -10,6 +10,7 @@ mechanism (a TorchDispatchMode plus weak references on untyped storages) in ~150
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -77,9 +78,13 @@ class MemoryTracker(TorchDispatchMode):
     allocs: dict[int, _Alloc] = field(default_factory=dict)
     events: list[tuple[int, int]] = field(default_factory=list)  # (uid, +1 alloc / -1 free)
     live_bytes: int = 0
+    # frees that happened on another thread than the tracked step's: their moment is that thread's, not the step's
+    # program order (gloo's worker thread dropping a collective's buffer, run/distributed.py wait_released)
+    off_thread_frees: int = 0
 
     def __post_init__(self):
         super().__init__()
+        self._thread: int | None = None  # the tracked step's thread (set on entering)
         self._uids = itertools.count()
         self._seen: dict[int, int] = {}  # live storage (StorageImpl address, _cdata) -> uid
         self._refs: dict[int, weakref.ref] = {}  # uid -> weak reference whose callback records the free
@@ -96,6 +101,7 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self):
         # re-entered from __torch_dispatch__ for wrapper subclasses: the hooks are installed once
         if self._depth == 0:
+            self._thread = threading.get_ident()
             from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
             self._hooks = (register_module_forward_pre_hook(self._enter_module),
@@ -172,6 +178,8 @@ class MemoryTracker(TorchDispatchMode):
         if a is None or a.freed_phase is not None:
             return
         a.freed_phase = self.phase
+        if self._thread is not None and threading.get_ident() != self._thread:
+            self.off_thread_frees += 1
         self.events.append((uid, -1))
         self.live_bytes -= a.nbytes
 
