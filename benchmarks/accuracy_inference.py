@@ -1,13 +1,16 @@
 """Serving accuracy: the analytic and trace estimates of `[inference]` requests against the CPU runner.
 
-    .venv/bin/python benchmarks/accuracy_inference.py [--n 24] [--seed 0] [--out benchmarks/results]
+    .venv/bin/python benchmarks/accuracy_inference.py [--n 24] [--offload 4] [--seed 0] [--out benchmarks/results]
 
 Generates tiny serving scenarios from a seed: llama shapes with MHA, GQA and MQA, mistral with a sliding window,
 qwen2; fp32 and bf16 (and nf4/int8 for the trace, which the analytic estimate leaves to it); LoRA on attention,
 MLP or all linears, merged or unmerged, one or three resident adapters, IA3 (merged or not), prompt tuning, the
 bare base (full); a forward without
-cache or greedy generation of 4-24 tokens. Each is served for real by `peftprof run`'s runner (run/infer.py)
-and compared with both estimates: peak and KV cache. Writes accuracy_inference.md under --out.
+cache or greedy generation of 4-24 tokens. Then --offload tiny float llama/mistral/qwen2 models served with
+accelerate's offloading (`[inference] max_memory`) at three caps each: everything kept, about half the layers on
+disk, everything on disk. Each is served for real by `peftprof run`'s runner (run/infer.py) and compared with
+both estimates: peak, KV cache, and for offloading the bytes on disk and read from disk. Writes
+accuracy_inference.md under --out (accuracy_inference_offload.md with --n 0: the offloaded cases alone, ~4 min).
 """
 
 from __future__ import annotations
@@ -61,6 +64,49 @@ def _scenario(rng: random.Random, i: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _offload_scenarios(rng: random.Random, i: int) -> list[str]:
+    """One tiny float llama/mistral/qwen2 served with accelerate's offloading at three caps: one that keeps
+    everything, one that keeps the embedding and about half the decoder layers (the cap less accelerate's reserve
+    for the largest layer), one below a layer (everything on disk). Sizes from estimate/offload.py's tree."""
+    from peftprof.estimate.offload import served_tree
+    from peftprof.scenario import load_scenario
+
+    family = rng.choice(["llama", "mistral", "qwen2"])
+    hidden, layers = rng.choice([64, 128]), rng.choice([2, 3, 4])
+    lines = [f'name = "offload-{i}"', "[model]", f'model_type = "{family}"', f"hidden_size = {hidden}",
+             f"num_hidden_layers = {layers}", "num_attention_heads = 4", f"num_key_value_heads = {rng.choice([1, 2, 4])}",
+             f"intermediate_size = {rng.choice([2, 3]) * hidden}", f"vocab_size = {rng.choice([500, 1000, 3000])}"]
+    if family == "mistral":
+        lines.append("sliding_window = 16")
+    if rng.random() < 0.3:
+        lines.append("tie_word_embeddings = true")
+    lines += ["[precision]", f'weights = "{rng.choice(["fp32", "bf16"])}"']
+    if rng.random() < 0.7:
+        lines += ["[peft]", 'method = "lora"', "r = 8", 'target_modules = ["q_proj", "v_proj", "down_proj"]']
+    else:
+        lines += ["[peft]", 'method = "full"']
+    lines += ["[training]", f"batch_size = {rng.choice([1, 2])}", f"seq_len = {rng.choice([16, 32])}",
+              "[inference]", "enabled = true", f"max_new_tokens = {rng.choice([0, 4, 8])}", 'max_memory = "CAP"',
+              "[run]", 'device = "cpu"', "steps = 1", "warmup_steps = 0"]
+    text = "\n".join(lines) + "\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.toml"
+        path.write_text(text.replace("CAP", "1GB"))
+        s = load_scenario(path)[0]
+    root, _ = served_tree(s)
+    nodes = {}
+    todo = [root]
+    while todo:
+        n = todo.pop()
+        nodes[n.name.rsplit(".", 1)[-1] if "layers." not in n.name else "layer"] = n.size
+        todo += list(n.children or ())
+    layer, embed = nodes["layer"], nodes["embed_tokens"]
+    half = embed + (layers // 2) * layer + max(layer, embed, nodes["lm_head"]) + 1000
+    caps = [f"{root.size * 2 // 1000 + 1}KB", f"{half // 1000 + 1}KB", f"{max(1, min(layer, embed) // 2000)}KB"]
+    return [text.replace('name = "offload-', f'name = "offload-{k}-').replace("CAP", cap)
+            for k, cap in zip(("all", "half", "none"), caps, strict=True)]
+
+
 def rel(a: float, b: float) -> float:
     return (a - b) / b
 
@@ -69,6 +115,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--offload", type=int, default=4, help="offloaded models, each at three max_memory caps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     from peftprof.estimate import AnalyticUnsupported, estimate
@@ -80,14 +127,16 @@ def main() -> int:
     rng = random.Random(args.seed)
     rows, analytic_errs, trace_errs = [], [], []
     t_start = time.time()
+    texts = [_scenario(rng, i) for i in range(args.n)]
+    texts += [t for i in range(args.offload) for t in _offload_scenarios(rng, i)]
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.n):
+        for i, text in enumerate(texts):
             path = Path(tmp) / f"serve-{i}.toml"
-            path.write_text(_scenario(rng, i))
+            path.write_text(text)
             s = load_scenario(path)[0]
             rec = run_variant(s, device="cpu")
             if rec["status"] != "ok":
-                rows.append(f"| {i} | {_describe(s)} | {rec['status']}: {rec['error']['message'][:80]} | | | | |")
+                rows.append(f"| {i} | {_describe(s)} | {rec['status']}: {rec['error']['message'][:80]} | | | | | |")
                 continue
             m = rec["measured"]
             try:
@@ -104,9 +153,16 @@ def main() -> int:
             est_kv = inference_fields(s).get("kv_cache_bytes")  # what both estimates report
             kv_ok = "-" if kv is None else "not estimated" if est_kv is None else (
                 "equal" if est_kv == kv else f"{est_kv:,} (off by {est_kv - kv:+,})")
+            disk = "-"
+            if "placement_bytes" in m:  # offloading: disk bytes and disk reads of the request, measured = estimated?
+                same = all(e is not None and e.get("disk_read_bytes_per_request") == m["disk_read_bytes_per_request"]
+                           and e["placement_bytes"]["disk"] == m["placement_bytes"].get("disk", 0)
+                           for e in (a, t["serving"]))
+                disk = (f"{m['placement_bytes'].get('disk', 0):,} on disk, {m['disk_read_bytes_per_request']:,} read"
+                        f" ({'both estimates equal' if same else 'ESTIMATES DIFFER'})")
             rows.append(f"| {i} | {_describe(s)} | {m['peak_bytes'] / 2**20:,.3f} | "
                         f"{'-' if ea is None else f'{ea * 100:+.2f}%'} | {et * 100:+.3f}% | "
-                        f"{'-' if kv is None else f'{kv:,}'} | {kv_ok} |")
+                        f"{'-' if kv is None else f'{kv:,}'} | {kv_ok} | {disk} |")
             print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,16 +176,19 @@ def main() -> int:
 
     text = "\n".join([
         "# Serving accuracy (benchmarks/accuracy_inference.py)", "",
-        f"{args.n} generated tiny serving scenarios (seed {args.seed}), served for real on CPU by the runner "
+        f"{args.n} generated tiny serving scenarios and {args.offload} offloaded ones at three `max_memory` caps "
+        f"each (everything kept, about half the layers on disk, everything on disk; seed {args.seed}), served for "
+        "real on CPU by the runner "
         f"(run/infer.py), in {time.time() - t_start:,.0f} s, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
         "Error = (estimate - measured) / measured tensor-level peak. The analytic serving estimate answers "
         "for float llama/mistral/qwen2 with plain LoRA or the bare base; the trace for the rest.", "",
         "| | n | median | p90 | max |", "|---|---:|---:|---:|---:|",
         f"| analytic peak | {len(analytic_errs)} " + summary(analytic_errs),
         f"| trace peak | {len(trace_errs)} " + summary(trace_errs), "",
-        "| # | variant | measured MiB | analytic | trace | KV cache B (measured) | estimated KV cache |",
-        "|---:|---|---:|---:|---:|---:|---|", *rows, ""])
-    (out / "accuracy_inference.md").write_text(text)
+        "| # | variant | measured MiB | analytic | trace | KV cache B (measured) | estimated KV cache | offload B |",
+        "|---:|---|---:|---:|---:|---:|---|---|", *rows, ""])
+    # the offloaded cases alone (--n 0): a file of their own, beside the main run's
+    (out / ("accuracy_inference.md" if args.n else "accuracy_inference_offload.md")).write_text(text)
     print(text)
     return 0
 
@@ -141,6 +200,8 @@ def _describe(s) -> str:
         m.method, m.method)
     if m.num_adapters > 1:
         peft += f" x{m.num_adapters}"
+    if inf.max_memory:
+        peft += f", max_memory {inf.max_memory}"
     return (f"{a.model_type} h{a.hidden_size} L{a.n_layers} {a.n_heads}/{a.n_kv_heads} heads "
             f"{p.weights} {peft}{' merged' if inf.merged else ''}, b{s.training.batch_size} x {s.training.seq_len}"
             f" + {inf.max_new_tokens} new")

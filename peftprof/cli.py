@@ -157,13 +157,16 @@ def estimate_rows(results, *, adaptive: bool = False) -> tuple[list[str], list[l
     unit, size = size_unit([e["peak_bytes"] for _, e in results]) if adaptive else ("GiB", GIB)
     with_gpu = any("gpu" in e for _, e in results)
     with_host = any(e.get("host_bytes") for _, e in results)  # [distributed] cpu_offload
-    headers = ["variant", f"peak {unit}"] + list(CATEGORIES) + ([f"host {unit}"] if with_host else [])
+    with_disk = any(e.get("disk_bytes") for _, e in results)  # [inference] max_memory: accelerate's disk offload
+    headers = ["variant", f"peak {unit}"] + list(CATEGORIES) + ([f"host {unit}"] if with_host else []) + (
+        [f"disk {unit}"] if with_disk else [])
     if with_gpu:
         headers += ["gpu", "fits", f"headroom {unit}", "tokens/s"]
     rows = []
     for v, e in results:
         row = [v.name, in_unit(e["peak_bytes"], size)] + [in_unit(e["breakdown"][c], size) for c in CATEGORIES]
         row += [in_unit(e.get("host_bytes", 0), size)] if with_host else []
+        row += [in_unit(e.get("disk_bytes", 0), size)] if with_disk else []
         if with_gpu:
             row += [e["gpu"], "yes" if e["fits"] else "NO", in_unit(e["headroom_bytes"], size),
                     "-" if e.get("predicted_tokens_per_s") is None else f"{e['predicted_tokens_per_s']:,.0f}"]

@@ -19,8 +19,6 @@ from .widths import ADAPTER_BYTES_PER_ELEMENT, compute_bytes_per_element
 
 ANALYTIC_FAMILIES = ("llama", "mistral", "qwen2")  # rotary, RMSNorm, gated MLP, DynamicCache: modelled below
 INT64 = 8
-OFFLOAD_MEASURED_ONLY = ("offloading (max_memory) is measured only, by `peftprof run`: accelerate's disk loads make "
-                         "copies of each offloaded module's weights whose number this estimate does not model")
 # rotary families: inv_freq and original_inv_freq buffers, head_dim / 2 fp32 values each (modeling_rope_utils.py)
 ROTARY_BUFFERS = 1
 
@@ -28,8 +26,6 @@ ROTARY_BUFFERS = 1
 def analytic_gap(s: Scenario) -> str | None:
     """Why the analytic serving estimate cannot answer (None: it can); the trace answers instead."""
     a, p, m = s.model.arch, s.precision, s.peft
-    if s.inference.max_memory:
-        return OFFLOAD_MEASURED_ONLY
     if a.model_type not in ANALYTIC_FAMILIES:
         return f"the analytic serving estimate models {', '.join(ANALYTIC_FAMILIES)}, not {a.model_type}"
     if p.is_quantized:
@@ -123,36 +119,46 @@ def _lora_extra(s: Scenario, name: str, in_features: int, out_features: int, tok
     return cast + 2 * tokens * out_features * ADAPTER_BYTES_PER_ELEMENT
 
 
-def prompt_moments(s: Scenario, tokens: int) -> list[tuple[int, int]]:
-    """(decoder layers whose KV cache is already written, temporaries) at the largest moments of the last decoder
-    layer's forward over `tokens` = batch x sequence positions. LlamaModel.forward holds the input embeddings and
-    the layer's input; the layer holds its normed input (attention) or its post-attention residual and normed
+def prompt_moments(s: Scenario, tokens: int, loads: dict[str, int] | None = None) -> list[tuple[int, int, int]]:
+    """(decoder layers whose KV cache is already written, temporaries, loaded weights) at the largest moments of the
+    last decoder layer's forward over `tokens` = batch x sequence positions. LlamaModel.forward holds the input
+    embeddings and the layer's input; the layer holds its normed input (attention) or its post-attention residual and normed
     input (MLP). Attention (LlamaAttention.forward, apply_rotary_pos_emb): q, k, v projected, then q * cos +
     rotate_half(q) * sin (three q-sized tensors beside the projection), then the same for k while q's result is
     held; the layer's own cache is written after. LlamaMLP: down(act(gate(x)) * up(x)): act, up and their product.
-    Rotary cos and sin: batch x seq x head_dim each."""
+    Rotary cos and sin: batch x seq x head_dim each. `loads` (offloading, estimate/offload.py): bytes of each
+    base linear (path in the layer) that accelerate loads while that linear runs, beside its input and output."""
     a = s.model.arch
+    load = (loads or {}).get
     e = hidden_bytes_per_element(s)
     h, inter, n = a.hidden_size, a.intermediate_size, a.n_layers
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     held = (2 if n > 1 else 1) * tokens * h * e + 2 * tokens * a.head_dim * e  # embeddings, layer input, cos/sin
-    attn = tokens * e * max(4 * q + 2 * kv, 2 * q + 5 * kv)
+    # candidates as (temporaries, loaded): the larger sum wins
+    attn = (tokens * e * max(4 * q + 2 * kv, 2 * q + 5 * kv), 0)
     for name, width_in, width_out, before in (("q_proj", h, q, 0), ("k_proj", h, kv, q), ("v_proj", h, kv, q + kv)):
-        attn = max(attn, tokens * e * (before + width_out) + _lora_extra(s, name, width_in, width_out, tokens))
-    o_lora = tokens * e * (q + h) + _lora_extra(s, "o_proj", q, h, tokens)
-    attn = max(attn, o_lora) + tokens * h * e  # + the normed input
-    mlp = max(3 * tokens * inter * e,
-              tokens * inter * e + _lora_extra(s, "gate_proj", h, inter, tokens),
-              2 * tokens * inter * e + _lora_extra(s, "up_proj", h, inter, tokens),
-              tokens * e * (inter + h) + _lora_extra(s, "down_proj", inter, h, tokens))
-    mlp += 2 * tokens * h * e  # the post-attention residual and the normed input
-    return [(n - 1, held + attn), (n, held + mlp)]
+        out = tokens * e * (before + width_out)
+        attn = max(attn, (out + _lora_extra(s, name, width_in, width_out, tokens), 0),
+                   (out, load(f"self_attn.{name}", 0)), key=sum)
+    o_out = tokens * e * (q + h)
+    attn = max(attn, (o_out + _lora_extra(s, "o_proj", q, h, tokens), 0), (o_out, load("self_attn.o_proj", 0)),
+               key=sum)
+    mlp = (3 * tokens * inter * e, 0)
+    for name, width_in, width_out, out in (("gate_proj", h, inter, tokens * inter * e),
+                                           ("up_proj", h, inter, 2 * tokens * inter * e),
+                                           ("down_proj", inter, h, tokens * e * (inter + h))):
+        mlp = max(mlp, (out + _lora_extra(s, name, width_in, width_out, tokens), 0), (out, load(f"mlp.{name}", 0)),
+                  key=sum)
+    # + the normed input (attention); the post-attention residual and the normed input (MLP)
+    return [(n - 1, held + attn[0] + tokens * h * e, attn[1]), (n, held + mlp[0] + 2 * tokens * h * e, mlp[1])]
 
 
 def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], str]:
     """(breakdown, phase) of the request's peak: the larger of the prompt's forward (the whole prompt's KV cache
     written, the largest layer's temporaries) and, when generating, the last decode step (the cache at prompt +
-    max_new_tokens - 1 tokens, plus one layer's old keys and values while torch.cat makes the new ones)."""
+    max_new_tokens - 1 tokens, plus one layer's old keys and values while torch.cat makes the new ones).
+    Offloading (max_memory): only the modules accelerate keeps on the device are resident, and the moments
+    while an offloaded module runs add the one copy of its weights that accelerate loads (estimate/offload.py)."""
     from .cuda import CUDA_CUBLAS_WORKSPACE_BYTES
 
     a, b, t = s.model.arch, s.training.batch_size, s.training.seq_len
@@ -161,26 +167,66 @@ def memory_breakdown(s: Scenario, *, device: str) -> tuple[dict[str, int], str]:
     persistent = {"weights": weight_bytes(s), "quant_constants": mem.quant_constant_bytes(s),
                   "trainable": resident_adapter_bytes(s), "gradients": 0, "optimizer": 0,
                   "overhead": CUDA_CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0}
-    moments = prompt_moments(s, b * t)
+    plan = offload_plan(s, device)
+    loads: dict[str, int] | None = None
+    model_loads: list[tuple[str, int]] = []  # (module, bytes) of offloaded model-level modules
+    if plan is not None:
+        persistent.update(weights=plan.resident_weight_bytes, trainable=plan.resident_adapter_bytes)
+        loads = plan.layer_linear_loads if plan.layers_offloaded else None
+        embed = a.vocab_size * a.hidden_size * e
+        model_loads = [m for m, off in (("embed", plan.embed_offloaded), ("lm_head", plan.lm_head_offloaded)) if off]
+        model_loads = [(m, embed) for m in model_loads]
+    moments = prompt_moments(s, b * t, loads)
+    hidden = b * t * a.hidden_size * e
     if n == 0:  # one forward without a cache: logits of every position, in the hidden dtype
         logits = b * t * a.vocab_size * e
-        at_logits = {"activations": 0, "logits": logits, "temporaries": b * t * a.hidden_size * e}  # final norm output
-        inside = [{"activations": 0, "logits": 0, "temporaries": w} for _, w in moments]
-        varying = max([*inside, at_logits], key=lambda d: sum(d.values()))
-        return {**persistent, **varying}, "forward"
+        cands = [{"logits": logits, "temporaries": hidden}]  # the final norm's output
+        cands += [{"temporaries": w, "weights": loaded} for _, w, loaded in moments]
+        for module, size in model_loads:  # the embedding's output, or the final norm's and the logits
+            cands.append({"weights": size, "temporaries": hidden, "logits": logits if module == "lm_head" else 0})
+        return _with(persistent, max(cands, key=lambda d: sum(d.values()))), "forward"
     ids = 2 * b * t * INT64  # generate's attention mask and cache positions
     layer_kv = kv_cache_bytes_per_token_per_layer(a, e) * b * t  # after the prefill every layer holds the prompt
-    prefill = [{"activations": done * layer_kv, "logits": 0, "temporaries": w + ids} for done, w in moments]
+    cands = [{"activations": done * layer_kv, "temporaries": w + ids, "weights": loaded} for done, w, loaded in moments]
     full, sliding = kv_cache_tokens(a, t, n)
     per_layer = kv_cache_bytes_per_token_per_layer(a, e) * b
     # one layer's previous keys during torch.cat: DynamicLayer.update assigns the new keys before concatenating the
     # values (half a layer); a sliding layer concatenates both before assigning (a whole layer)
     old = per_layer * (sliding - 1) if a.n_sliding_layers else per_layer // 2 * (full - 1)
     logits = b * a.vocab_size * (e + 4)  # the last position's logits and generate's fp32 copy of them
-    decode = {"activations": kv_cache_bytes(s, full, sliding), "logits": 0,
-              "temporaries": max(old, logits) + 2 * b * (t + n) * INT64}
-    varying = max([*prefill, decode], key=lambda d: sum(d.values()))
-    return {**persistent, **varying}, "forward"
+    cache = kv_cache_bytes(s, full, sliding)
+    step_ids = 2 * b * (t + n) * INT64
+    cands.append({"activations": cache, "temporaries": max(old, logits) + step_ids})
+    for module, size in model_loads:
+        if module == "lm_head":  # prefill: the whole prompt's cache, the final norm's output, the last position's logits
+            cands.append({"activations": a.n_layers * layer_kv, "weights": size, "temporaries": hidden + ids,
+                          "logits": b * a.vocab_size * e})
+        else:
+            cands.append({"weights": size, "temporaries": hidden + ids})
+    # the last decode step: the (nearly) whole cache while the largest offloaded module's weights are loaded
+    step_loads = [size for _, size in model_loads] + list((loads or {}).values())
+    if step_loads:
+        cands.append({"activations": cache, "weights": max(step_loads), "temporaries": step_ids,
+                      "logits": logits if plan.lm_head_offloaded else 0})  # beside the last step's fp32 copy
+    return _with(persistent, max(cands, key=lambda d: sum(d.values()))), "forward"
+
+
+def _with(persistent: dict[str, int], varying: dict[str, int]) -> dict[str, int]:
+    """The breakdown: persistent state plus a moment's bytes, category by category (results.CATEGORIES)."""
+    from ..results import CATEGORIES
+
+    return {c: persistent.get(c, 0) + varying.get(c, 0) for c in CATEGORIES}
+
+
+def offload_plan(s: Scenario, device: str):
+    """estimate/offload.py's plan for `[inference] max_memory` (None without offloading): accelerate's
+    placement under the cap on this device."""
+    if not s.inference.max_memory:
+        return None
+    from ..rules_inference import max_memory_bytes
+    from .offload import offload_plan as plan
+
+    return plan(s, max_memory_bytes(s.inference.max_memory), device)
 
 
 def estimate_inference(s: Scenario, *, device: str, gpu=None) -> dict:
@@ -200,6 +246,11 @@ def estimate_inference(s: Scenario, *, device: str, gpu=None) -> dict:
            "n_trainable_params": 0, "flops_per_step": forward_flops(s),
            "tokens_per_step": s.training.batch_size * (n or s.training.seq_len)}
     out.update(inference_fields(s))  # run/infer.py serving_fields: the same for a traced estimate
+    plan = offload_plan(s, device)
+    if plan is not None:
+        out.update(offload_fields(s, plan.device_map, device_bytes=plan.resident_weight_bytes
+                                  + plan.resident_adapter_bytes, disk_bytes=plan.disk_bytes,
+                                  read_bytes_per_forward=plan.read_bytes_per_forward, device=device))
     if device == "cuda":
         from .cuda import cuda_reserved_and_device_bytes
 
@@ -227,6 +278,20 @@ def inference_fields(s: Scenario) -> dict:
         full, sliding = kv_cache_tokens(a, s.training.seq_len, n)
         out["kv_cache_bytes"] = kv_cache_bytes(s, full, sliding)
     return out
+
+
+def offload_fields(s: Scenario, device_map: dict, *, device_bytes: int, disk_bytes: int,
+                   read_bytes_per_forward: int, device: str = "cpu") -> dict:
+    """What offloading adds to a serving estimate (the analytic one from estimate/offload.py, the trace from
+    accelerate's own map): `device_map`, `placement_bytes` (parameters and buffers on the device, parameters
+    written to disk), `disk_bytes` (beside the device peak, as `host_bytes` is for CPU offload of training) and
+    the latency term: the offloaded weights are read back from disk on every forward (accelerate
+    AlignDevicesHook.pre_forward), one forward per generated token (max_new_tokens 0: one forward)."""
+    forwards = max(1, s.inference.max_new_tokens)
+    return {"device_map": dict(device_map), "placement_bytes": {device: device_bytes, "disk": disk_bytes},
+            "disk_bytes": disk_bytes, "disk_read_bytes_per_forward": read_bytes_per_forward,
+            "disk_read_bytes_per_token": read_bytes_per_forward if s.inference.max_new_tokens else 0,
+            "disk_read_bytes_per_request": read_bytes_per_forward * forwards}
 
 
 def forward_flops(s: Scenario) -> int:

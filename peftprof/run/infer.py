@@ -1,7 +1,8 @@
 """[inference]: serve a variant instead of training it. Forward-only memory and latency of one forward pass
 over the prompt (max_new_tokens = 0) or of greedy generation with transformers' KV cache (`model.generate`),
 with the adapters resident (unmerged, K of them on one base) or folded into the base (peft merge_and_unload),
-optionally offloaded with accelerate (device_map from max_memory: layers beyond the cap on disk).
+optionally offloaded with accelerate (device_map from max_memory: layers beyond the cap on disk; the trace
+attaches accelerate's own hooks to the fake model with a fake offload folder: `_hook_fake_offload`).
 
 The runner (`run_inference`) and the trace estimator (peftprof/trace.py, `serve_step` on fake tensors) run the
 same `serve_step`; the tracker (run/track.py) classifies what it allocates: `weights` the base, `trainable` the
@@ -14,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
 import statistics
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from ..estimate.offload import placement_of
 from ..settings import Scenario
 from .probe import make_probe, now
 
@@ -109,19 +113,93 @@ def offload(served: Served, s: Scenario, device: str) -> None:
     """accelerate's big-model placement: infer_auto_device_map with max_memory for the device (modules that do
     not fit go to disk), then dispatch_model with an offload folder (weights written as .dat memmaps, loaded into
     the device before each offloaded module runs: accelerate/hooks.py AlignDevicesHook)."""
-    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate import dispatch_model
     from accelerate.utils import convert_file_size_to_int
 
     model = served.model
     cap = convert_file_size_to_int(s.inference.max_memory)
     key = 0 if device == "cuda" else "cpu"
-    no_split = getattr(model, "_no_split_modules", None) or getattr(
-        getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None)
-    device_map = infer_auto_device_map(model, max_memory={key: cap, "disk": 1 << 60}, no_split_module_classes=no_split)
+    device_map = offload_device_map(model, cap, key)
     served.offload_dir = tempfile.TemporaryDirectory(prefix="peftprof-offload-")
     served.model = dispatch_model(model, device_map=device_map, offload_dir=served.offload_dir.name,
                                   main_device=device)
     served.device_map = {k: str(v) for k, v in device_map.items()}
+
+
+def offload_device_map(model, cap: int, key) -> dict:
+    """accelerate's placement of `model` under `cap` bytes on the device `key` ("cpu", or 0 for CUDA), the rest on
+    disk: infer_auto_device_map with the model's no_split modules (the decoder layer class). When nothing fits
+    (a cap below the reserve it keeps for the largest layer) the cleaned map is {"": "disk"} (or the one
+    top-level child), which accelerate 1.15's dispatch_model cannot write (extract_submodules_state_dict matches
+    no key of "", index.json is never written): the uncleaned map (clean_result=False) names the same placement
+    module by module. Works on a meta-built model (the trace calls it too)."""
+    from accelerate import infer_auto_device_map
+
+    no_split = getattr(model, "_no_split_modules", None) or getattr(
+        getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None)
+    memory = {key: cap, "disk": 1 << 60}
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    if set(device_map.values()) == {"disk"}:
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split,
+                                           clean_result=False)
+    return dict(device_map)
+
+
+@contextlib.contextmanager
+def marking_offload_loads(tracker):
+    """While tracking: each offloaded weight accelerate's AlignDevicesHook loads before its module runs
+    (hooks.py pre_forward: weights_map[name], utils/offload.py load_offloaded_weight: torch.tensor(np.memmap))
+    counted as the one copy it is, named `weights` (an adapter's `trainable`). torch.tensor(memmap) builds
+    its storage from a view of the memory-mapped file that a dispatch mode sees as a fresh storage too
+    (aten::lift_fresh): that view is the offload file's pages, not an allocation, and it dies whenever Python
+    drops its numpy object, so it is made outside the tracker and the copy is re-made inside it. After the
+    module runs, post_forward puts each weight back on `meta` (set_module_tensor_to_device(..., "meta")): a
+    meta tensor holds no memory, but its storage reports the nbytes of its shape, so those moves are made
+    outside the tracker too."""
+    if tracker is None:
+        yield
+        return
+    from accelerate import hooks as acc_hooks
+    from accelerate.utils import offload as acc_offload
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    original, original_set = acc_offload.load_offloaded_weight, acc_hooks.set_module_tensor_to_device
+
+    def set_tensor(module, name, device, *args, **kwargs):
+        if str(device) != "meta":
+            return original_set(module, name, device, *args, **kwargs)
+        owner, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner) if owner else module
+        t = owner._parameters.get(leaf)
+        if isinstance(t, FakeTensor):  # traced: Parameter(fake) is a fake tensor, which accelerate cannot re-wrap
+            with _disable_current_modes():  # a plain meta parameter, as accelerate leaves it
+                owner._parameters[leaf] = torch.nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
+                                                             requires_grad=False)
+            return None
+        with _disable_current_modes():
+            return original_set(module, name, device, *args, **kwargs)
+
+    def load(weight_file, weight_info):
+        with _disable_current_modes():
+            staged = original(weight_file, weight_info)
+        copy = staged.clone()
+        del staged
+        _count_load(tracker, copy, str(weight_file))
+        return copy
+
+    acc_offload.load_offloaded_weight, acc_hooks.set_module_tensor_to_device = load, set_tensor
+    try:
+        yield
+    finally:
+        acc_offload.load_offloaded_weight, acc_hooks.set_module_tensor_to_device = original, original_set
+
+
+def _count_load(tracker, t: torch.Tensor, name: str) -> None:
+    """Name a loaded offloaded weight (`weights`, or `trainable` for an adapter's) and add its bytes to what the
+    request read from disk (tracker.offload_read_bytes)."""
+    tracker.mark([t], "trainable" if _is_adapter(os.path.basename(name)) else "weights")
+    tracker.offload_read_bytes = getattr(tracker, "offload_read_bytes", 0) + t.numel() * t.element_size()
 
 
 def registered(served: Served) -> dict[str, list]:
@@ -189,7 +267,7 @@ def serve_step(model, s: Scenario, ids: torch.Tensor, probe=None) -> None:
         probe.set_phase("forward")
     n = s.inference.max_new_tokens
     tracker = getattr(probe, "tracker", None) if probe is not None and getattr(probe, "active", False) else None
-    with torch.no_grad(), marking_kv_cache(tracker):
+    with torch.no_grad(), marking_kv_cache(tracker), marking_offload_loads(tracker):
         if n == 0:
             out = model(input_ids=ids, use_cache=False)
         else:
@@ -283,7 +361,9 @@ def run_inference(s: Scenario, record: dict, *, device: str, steps: int | None =
         else:
             measured["tokens_per_s"] = b * s.training.seq_len / request_s
         if served.device_map is not None:
-            measured.update(offload_bytes(served))
+            measured.update(offload_bytes(served, device))
+            if getattr(probe, "tracker", None) is not None:  # counted by marking_offload_loads (CPU tracking)
+                measured["disk_read_bytes_per_request"] = getattr(probe.tracker, "offload_read_bytes", 0)
         if getattr(probe, "tracker", None) is not None:
             measured.update(explain(probe.tracker))
         record["measured"] = measured
@@ -321,13 +401,13 @@ def _unmerged_reference(s: Scenario, device: str, ids: torch.Tensor) -> torch.Te
     return out
 
 
-def offload_bytes(served: Served) -> dict:
-    """Bytes of parameters and buffers per placement of accelerate's device map (device, cpu, disk)."""
+def offload_bytes(served: Served, device: str = "cpu") -> dict:
+    """Bytes of parameters and buffers per placement of accelerate's device map (device, disk): an offloaded
+    parameter is on `meta` between its module's calls; buffers stay on the device (offload_buffers=False)."""
     placed: dict[str, int] = {}
     model = served.model
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        where = next((str(v) for k, v in sorted(served.device_map.items(), key=lambda kv: -len(kv[0]))
-                      if k == "" or name == k or name.startswith(k + ".")), "?")
+    for t in [*model.parameters(), *model.buffers()]:
+        where = "disk" if t.device.type == "meta" else device
         placed[where] = placed.get(where, 0) + t.numel() * t.element_size()
     return {"device_map": served.device_map, "placement_bytes": placed}
 
@@ -378,10 +458,6 @@ def trace_serving(s: Scenario, snapshot_path=None) -> dict:
     check_traceable(s)  # one forward per generated token
     if s.precision.weights == "int4":
         raise UserError(f"{s.name}: --method trace does not support int4 (optimum-quanto cannot quantize meta tensors)")
-    if s.inference.max_memory:
-        from ..estimate.inference import OFFLOAD_MEASURED_ONLY
-
-        raise UserError(f"{s.name}: {OFFLOAD_MEASURED_ONLY}")
     model = base_model(s, "meta")
     if s.precision.weights in BNB_KINDS:
         _quantize_on_meta(model, s)
@@ -394,7 +470,15 @@ def trace_serving(s: Scenario, snapshot_path=None) -> dict:
             n_adapters = add_resident_adapters(model, s) if s.peft.num_adapters > 1 else 1
     model.eval()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    offloaded = None
+    if s.inference.max_memory:
+        from accelerate.utils import convert_file_size_to_int
+
+        device_map = offload_device_map(model, convert_file_size_to_int(s.inference.max_memory), "cpu")
+        offload_facts = traced_offload_fields(s, model, device_map)
     _fake_in_place(model, fake_mode)
+    if s.inference.max_memory:
+        offloaded = _hook_fake_offload(model, device_map, fake_mode)
     quant = [b for m in model.modules() if type(m).__name__.startswith("Traced")
              for n, b in m.named_buffers(recurse=False) if n not in ("packed", "cb")]
     served = Served(model=model, quant_tensors=quant, n_adapters=n_adapters)
@@ -405,7 +489,9 @@ def trace_serving(s: Scenario, snapshot_path=None) -> dict:
         reg = registered(served)
         reg["weights"] = [t for t in reg["weights"] if not any(t is q for q in quant)]
         try:
-            with probe.tracking(reg):
+            with probe.tracking(reg) as tracker:
+                if offloaded is not None:
+                    offloaded.tracker = tracker
                 serve_step(model, s, ids, probe)
         except (RuntimeError, ValueError, TypeError) as e:  # a library refusing the request: say so, in one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -417,7 +503,85 @@ def trace_serving(s: Scenario, snapshot_path=None) -> dict:
         write_snapshot(probe.tracker, snapshot_path)
     return {"peak_bytes": result.peak_bytes, "peak_phase": result.peak_phase, "breakdown": result.breakdown,
             "phase_peaks": result.phase_peaks, "wrapped_bytes": model_bytes(model, quant),
-            "n_trainable_params": 0, "serving": serving_fields(s), **explain(probe.tracker)}
+            "n_trainable_params": 0, **explain(probe.tracker),
+            "serving": {**serving_fields(s), **(offload_facts if s.inference.max_memory else {})}}
+
+
+class FakeOffloadedWeights(Mapping):
+    """The offload folder of a traced request: accelerate's weights_map (utils/offload.py
+    OffloadedWeightsLoader) with the disk-placed parameters' names, where reading one makes what
+    load_offloaded_weight makes, one new tensor of its shape and dtype (fake), counted as marking_offload_loads
+    counts a real load."""
+
+    def __init__(self, shapes: dict[str, tuple], fake_mode):
+        self.shapes, self.fake_mode, self.tracker = shapes, fake_mode, None
+
+    def __getitem__(self, key: str):
+        shape, dtype = self.shapes[key]
+        with self.fake_mode:
+            t = torch.empty(shape, dtype=dtype)
+        if self.tracker is not None:
+            _count_load(self.tracker, t, key)
+        return t
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+
+def _hook_fake_offload(model, device_map: dict, fake_mode) -> FakeOffloadedWeights:
+    """What accelerate's dispatch_model does on a CPU main device (big_modeling.py), on the fake model: the
+    disk-placed parameters back on `meta` (buffers stay: offload_buffers=False), then
+    attach_align_device_hook_on_blocks with the same execution devices, offload flags and weights map (here
+    the fake folder). Returns the weights map (its tracker is set once tracking starts)."""
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+
+    disk = [k for k, v in device_map.items() if v == "disk"]
+    shapes = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied weight is written under both names
+        if any(k == "" or name == k or name.startswith(k + ".") for k in disk):
+            shapes[name] = (tuple(p.shape), p.dtype)
+            mod_name, _, leaf = name.rpartition(".")
+            mod = model.get_submodule(mod_name)
+            mod._parameters[leaf] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                       requires_grad=False)
+    weights = FakeOffloadedWeights(shapes, fake_mode)
+    execution = {name: "cpu" for name in device_map}
+    execution[""] = "cpu"
+    attach_align_device_hook_on_blocks(model, execution_device=execution,
+                                       offload={name: dev == "disk" for name, dev in device_map.items()},
+                                       offload_buffers=False, weights_map=weights, tied_params_map={})
+    return weights
+
+
+def traced_offload_fields(s: Scenario, model, device_map: dict) -> dict:
+    """offload_fields from accelerate's own map on the meta-built model: parameters and buffers left on the
+    device (buffers always stay), parameters on disk, and the parameters one forward reads (those of the modules
+    that run: an inactive adapter's never do)."""
+    from ..estimate.inference import offload_fields
+
+    def where(name):
+        return placement_of(name, device_map)
+
+    resident = sum(b.numel() * b.element_size() for b in model.buffers())
+    disk = read = 0
+    for name, t in model.named_parameters():
+        size = t.numel() * t.element_size()
+        if where(name) != "disk":
+            resident += size
+            continue
+        disk += size
+        read += size if not _is_adapter(name) or ".default." in name else 0  # peft's first adapter: "default"
+    if s.model.arch.tied_embeddings:  # offload_state_dict writes the state dict, which names a tied weight twice:
+        for name, t in model.named_parameters(remove_duplicate=False):  # lm_head's is a file of its own, read by it
+            if name.endswith("lm_head.weight") and where(name) == "disk" and where(
+                    name.replace("lm_head", "model.embed_tokens")) == "disk":
+                read += t.numel() * t.element_size()
+                disk += t.numel() * t.element_size()
+    return offload_fields(s, {k: str(v) for k, v in device_map.items()}, device_bytes=resident, disk_bytes=disk,
+                          read_bytes_per_forward=read)
 
 
 def serving_fields(s: Scenario) -> dict:
