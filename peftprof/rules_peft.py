@@ -196,6 +196,10 @@ def _check_xlora(c: Collector, cond: Collector, parts: Parts, model) -> None:
     elif weights == "int4":
         c.add("precision", "weights", "X-LoRA on int4 weights cannot be estimated: the analytic estimator does not "
               "model X-LoRA and the trace cannot quantize int4 (optimum-quanto) on meta tensors", "fp32 | fp16 | bf16")
+    if weights == "fp16" and prec.get("autocast", "none") == "fp16":
+        c.add("precision", "autocast", "X-LoRA's classifier is built in the model's dtype, so with fp16 weights its "
+              "gradients are fp16 and GradScaler refuses to unscale them (measured: 'Attempting to unscale FP16 "
+              "gradients')", "none | bf16, or fp32 | bf16 weights")
     if train.get("gradient_checkpointing", "none") != "none":
         c.add("training", "gradient_checkpointing", "X-LoRA fails under gradient checkpointing in peft 0.21.2: its "
               "gates reach the experts through forward pre-hooks removed when the forward returns, so the "

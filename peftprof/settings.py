@@ -75,7 +75,7 @@ class PeftSettings:
     combination: str = "none"  # LoRA, K >= 2: train peft add_weighted_adapter's merge of the K (linear|cat|svd)
     xlora_depth: int = 1  # X-LoRA: layers of the gating classifier (peft XLoraConfig.xlora_depth)
     xlora_size: int = 2048  # X-LoRA: hidden size of the classifier when xlora_depth > 1 (XLoraConfig.xlora_size)
-    layerwise_scalings: bool = False  # X-LoRA: one gate per decoder layer (XLoraConfig.layerwise_scalings)
+    layerwise_scalings: bool = False  # X-LoRA: one gate per adapted linear (XLoraConfig.layerwise_scalings)
 
     def targets(self, arch: Arch) -> tuple[str, ...]:
         """Target names as peft receives them (all-linear expanded to leaf names, lm_head excluded)."""

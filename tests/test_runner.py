@@ -164,6 +164,25 @@ def test_an_error_in_one_variant_does_not_stop_the_others(tmp_path, monkeypatch)
     assert 'raise RuntimeError("simulated failure")' in records[1]["error"]["traceback"]
 
 
+def test_a_trace_that_fails_inside_a_library_is_a_note_and_the_run_still_measures(monkeypatch):
+    """A variant only the trace estimates (the analytic estimator refuses it) whose trace fails in a library: the
+    record has no estimate and says why, and the runner measures anyway (runner.record_estimate)."""
+    from peftprof import trace as trace_mod
+    from peftprof.estimate import AnalyticUnsupported
+
+    (s,) = load_scenario_text(TINY)
+
+    def refuse(*args, **kwargs):
+        raise AnalyticUnsupported("not modelled")
+
+    def broken(*args, **kwargs):
+        raise TypeError("a library failed\nsecond line")
+
+    monkeypatch.setattr(runner_mod, "estimate", refuse)
+    monkeypatch.setattr(trace_mod, "trace_estimate", broken)
+    assert runner_mod.record_estimate(s, "cpu") == (None, "the trace failed: TypeError: a library failed")
+
+
 def test_resume_after_interruption_and_skip_measured(tmp_path, monkeypatch):
     variants = load_scenario_text(TINY + '[sweep]\n"peft.r" = [2, 4, 8]\n')
     calls, ctrl_c = [], {"armed": True}

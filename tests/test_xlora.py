@@ -135,6 +135,15 @@ def test_loader_refuses_every_bad_combination_at_once(write_scenario):
     assert all("\n" not in line for line in lines)
 
 
+def test_fp16_weights_under_fp16_autocast_are_refused(write_scenario):
+    """The classifier is built in the model's dtype: fp16 gradients, which GradScaler refuses to unscale."""
+    with pytest.raises(UserError) as e:
+        scenario(write_scenario, "num_adapters = 2", precision='weights = "fp16"\nautocast = "fp16"')
+    assert len(e.value.lines()) == 1 and "[precision] autocast" in e.value.lines()[0]
+    assert "Attempting to unscale FP16 gradients" in e.value.lines()[0]
+    scenario(write_scenario, "num_adapters = 2", precision='weights = "fp16"\nautocast = "bf16"')  # accepted
+
+
 def test_classifier_keys_apply_only_where_peft_reads_them(write_scenario):
     with pytest.raises(UserError, match="xlora_size.*only with xlora_depth > 1"):
         scenario(write_scenario, "num_adapters = 2\nxlora_size = 64")

@@ -85,7 +85,7 @@ def apply_strategy(model, s: Scenario, device_type: str, mesh=None, init_sync: b
     for layer in unit_modules(model):
         fully_shard(layer, mesh=mesh, offload_policy=offload)
     fully_shard(model, mesh=mesh, offload_policy=offload)
-    if device_type == "cpu":
+    if dist.get_backend(mesh.get_group()) == "gloo":  # (not the trace's fake process group, nor nccl)
         settle_collectives(model)
     return model
 
@@ -125,12 +125,16 @@ def _settled(base):
 
     class Settled(base):
         unsettled = 0
+        # after the first collective whose references outlive the timeout, stop waiting: a backend that keeps its
+        # references for good would otherwise cost the timeout on every collective of the run
+        timeout_s = 10.0
 
         def __call__(self, output_tensor, input_tensor, group, *args, async_op: bool = False, **kwargs):
             refs = [storage_refs(output_tensor), storage_refs(input_tensor)]
             work = super().__call__(output_tensor, input_tensor, group, *args, async_op=async_op, **kwargs)
-            if not async_op and not wait_released((output_tensor, input_tensor), refs):
+            if not async_op and not wait_released((output_tensor, input_tensor), refs, type(self).timeout_s):
                 type(self).unsettled += 1
+                type(self).timeout_s = 0.0
             return work
 
     Settled.__name__ = Settled.__qualname__ = "Settled" + base.__name__.removeprefix("Default")

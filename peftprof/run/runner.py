@@ -154,6 +154,8 @@ def record_estimate(s: Scenario, device: str) -> tuple[dict | None, str | None]:
             return trace_estimate(s, device=device), None
         except UserError as e:  # it says why neither estimator answers
             return None, e.lines()[0]
+        except Exception as e:  # noqa: BLE001  a library failing inside the trace: the run measures and records it
+            return None, f"the trace failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
 
 
 def _refused_by_estimate(est: dict | None, max_memory: int | None) -> str | None:
