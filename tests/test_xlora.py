@@ -3,6 +3,7 @@ hand against the real peft model, the trace against the CPU runner (exact), and 
 backed where it can be by the library failure it prevents."""
 
 import math
+import os
 import re
 from dataclasses import replace
 
@@ -205,3 +206,19 @@ def test_scaling_pass_ends_before_the_real_forward(write_scenario, monkeypatch):
     assert any(str(a.where).endswith("lm_head") and math.prod(a.shape) == 2 * 32 * 500 for a in scaling_pass)
     assert max(totals[start:mark]) < totals[peak_i]
     assert out["peak_phase"] == "backward"
+
+
+def test_expert_directories_of_dead_processes_are_removed(tmp_path):
+    """A run SIGKILLed while peft builds X-LoRA leaves its expert directories; the next build removes them."""
+    import subprocess
+    import sys
+
+    from peftprof.run.xlora import PREFIX, remove_stale_directories
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (tmp_path / f"{PREFIX}{dead}-abc" / "0").mkdir(parents=True)
+    (tmp_path / f"{PREFIX}{os.getpid()}-live").mkdir()  # this process: alive
+    (tmp_path / "other").mkdir()
+    assert remove_stale_directories(str(tmp_path)) == [str(tmp_path / f"{PREFIX}{dead}-abc")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{PREFIX}{os.getpid()}-live", "other"])

@@ -29,13 +29,39 @@ def expert_lora_config(s: Scenario, task):
                            use_rslora=m.use_rslora, task_type=task, init_lora_weights=False)
 
 
+PREFIX = "peftprof-xlora-"
+
+
+def remove_stale_directories(tmp: str | None = None) -> list[str]:
+    """Remove the expert directories of processes that no longer exist (named PREFIX<pid>-...): a run killed
+    while peft built X-LoRA (the runner SIGKILLs an isolated variant past its limit) had no chance to. Returns
+    the paths removed."""
+    import shutil
+
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(tmp):
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if not name.startswith(PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # (PermissionError: alive, another user's)
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            removed.append(os.path.join(tmp, name))
+        except OSError:
+            continue
+    return removed
+
+
 @contextlib.contextmanager
 def expert_directories(s: Scenario, task):
     """K adapter directories "0" .. "K-1" (adapter_config.json and an empty adapter_model.safetensors), removed
     on exit: peft reads them only while XLoraModel is built."""
     from safetensors.torch import save_file
 
-    with tempfile.TemporaryDirectory(prefix="peftprof-xlora-") as root:
+    remove_stale_directories()
+    with tempfile.TemporaryDirectory(prefix=f"{PREFIX}{os.getpid()}-") as root:
         paths = {}
         for i in range(s.peft.num_adapters):
             path = os.path.join(root, str(i))
