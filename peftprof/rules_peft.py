@@ -67,6 +67,7 @@ def _check_methods(c: Collector, parts: Parts, model) -> None:
     """DoRA, modules_to_save, several adapters and the LoHa/LoKr/VeRA/OFT methods: what peft or our estimators
     refuse, each with its cause (the keys of other methods were already dropped as not applicable)."""
     from .arch import analytic_gap
+    from .estimate.peft_methods import DORA_RECOMPUTE_FAMILIES
     from .families import family
     from .settings import PeftSettings, matches_target
 
@@ -87,7 +88,9 @@ def _check_methods(c: Collector, parts: Parts, model) -> None:
             why = [w for w, bad in (
                 (f"the {a.model_type} family" if a is not None else "", a is not None and (
                     analytic_gap(a.model_type) or a.model_type in ("gpt2", "opt"))),
-                ("gradient checkpointing", parts.train.get("gradient_checkpointing", "none") != "none"),
+                # the rerun of a checkpointed layer is modelled for the llama decoder layer (peft_methods.py)
+                ("gradient checkpointing", parts.train.get("gradient_checkpointing", "none") != "none" and (
+                    a is None or a.model_type not in DORA_RECOMPUTE_FAMILIES)),
                 ("autocast", parts.prec.get("autocast", "none") != "none"),
                 ("modules_to_save", bool(peft.get("modules_to_save"))),
                 ("target_parameters", bool(peft.get("target_parameters")))) if bad]

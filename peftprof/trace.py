@@ -480,8 +480,6 @@ def _trace_only_fields(s: Scenario, device: str, gpu: Gpu | None, mfu: float, tr
         return out, "flops_per_step and speed omitted: estimate/flops.py does not count expert matmuls"
     if getattr(a, "flops_gap", None):  # a generic family whose matmuls flops.py does not count (families/generic.py)
         return out, a.flops_gap
-    if s.peft.method == "xlora":  # run/xlora.py: a second (no-grad) forward through the model and its K experts
-        return out, "flops_per_step and speed omitted: estimate/flops.py does not count X-LoRA's scaling pass"
     out["flops_per_step"] = flops_per_step(s)
     if gpu is not None:
         step_time_s = out["flops_per_step"] / (gpu.bf16_tflops * 1e12 * mfu)

@@ -170,13 +170,12 @@ def test_rslora_changes_no_memory(write_scenario):
     assert a["peak_bytes"] == b["peak_bytes"] and a["breakdown"] == b["breakdown"]
 
 
-def test_trace_answers_for_loha_lokr_vera_oft(write_scenario):
+def test_trace_and_analytic_answer_for_loha_lokr_vera_oft(write_scenario):
     from peftprof.trace import trace_estimate
 
     for method in ("loha", "lokr", "vera", "oft"):
         s = scenario(write_scenario, f'method = "{method}"\nr = 4')
-        gap = pm.analytic_gap(s)
-        assert gap and method in gap
+        assert pm.analytic_gap(s) is None  # modelled since (estimate/adapter_saves.py, tests/test_adapter_saves.py)
         out = trace_estimate(s, device="cpu")
         assert out["n_trainable_params"] == sum(mem.trainable_tensors(s))
         assert out["breakdown"]["trainable"] == 4 * sum(mem.trainable_tensors(s))
@@ -193,8 +192,8 @@ def test_trace_answers_for_loha_lokr_vera_oft(write_scenario):
     ('method = "loha"', 'weights = "nf4"', "[peft] method: loha on nf4 weights fails in peft 0.21.2"),
     ('method = "lora"\nnum_adapters = 2\nmodules_to_save = ["lm_head"]', 'weights = "fp32"',
      "[peft] num_adapters: several adapters with modules_to_save"),
-    ('method = "lora"\nuse_dora = true', 'weights = "nf4"\n[training]\ngradient_checkpointing = "full"',
-     "[peft] use_dora: DoRA on nf4 with gradient checkpointing"),
+    ('method = "lora"\nuse_dora = true', 'weights = "nf4"\nautocast = "bf16"\n[training]\ngradient_checkpointing = "full"',
+     "[peft] use_dora: DoRA on nf4 with autocast cannot be estimated"),
     ('method = "lora"\ncombination = "cat"', 'weights = "fp32"',
      "[peft] combination: cat merges the K adapters of num_adapters; there is 1"),
     ('method = "lora"\nnum_adapters = 2\ncombination = "svd"\nuse_dora = true', 'weights = "fp32"',
@@ -254,11 +253,9 @@ def test_merge_against_the_runner(write_scenario):
         assert rec["status"] == "ok", rec.get("error")
         measured = rec["measured"]
         if combo == "cat":
-            assert "rank-12" in pm.analytic_gap(s)
             traced = trace_peak(s)
             assert traced["peak_bytes"] == measured["peak_bytes"] and traced["breakdown"] == measured["breakdown"]
             assert measured["breakdown"]["trainable"] == 2 * sum(mem.trainable_tensors(s))  # bf16, rank 12
-            continue
         assert pm.analytic_gap(s) is None
         analytic = estimate(s, device="cpu")
         assert abs(analytic["peak_bytes"] / measured["peak_bytes"] - 1) < 0.001

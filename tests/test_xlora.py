@@ -110,15 +110,20 @@ def test_trace_equals_the_runner(write_scenario, peft, precision):
     assert measured["breakdown"]["trainable"] > 0 and measured["breakdown"]["gradients"] == 0  # set to None
 
 
-def test_analytic_refuses_and_trace_answers(write_scenario):
-    s = scenario(write_scenario, "num_adapters = 2")
-    with pytest.raises(AnalyticUnsupported, match="X-LoRA"):
-        estimate(s, device="cpu")
+def test_analytic_and_trace_answer_and_autocast_goes_to_the_trace(write_scenario):
+    """estimate/xlora.py answers for llama without autocast (its accuracy: tests/test_xlora_analytic.py); the trace
+    counts the scaling pass's FLOPs like the analytic (a consistency check: both call estimate/flops.py)."""
     from peftprof.trace import trace_estimate
 
+    s = scenario(write_scenario, "num_adapters = 2")
+    analytic = estimate(s, device="cpu")
+    assert analytic["n_trainable_params"] == 130
     out = trace_estimate(s, device="cpu")
-    assert out["method"] == "trace" and out["n_trainable_params"] == 130
-    assert "flops_per_step" not in out and "X-LoRA" in out["note"]
+    assert out["method"] == "trace" and out["n_trainable_params"] == 130 and "note" not in out
+    assert out["flops_per_step"] == analytic["flops_per_step"]
+    amp = scenario(write_scenario, "num_adapters = 2", precision='weights = "fp32"\nautocast = "bf16"')
+    with pytest.raises(AnalyticUnsupported, match="X-LoRA"):
+        estimate(amp, device="cpu")
 
 
 def test_loader_refuses_every_bad_combination_at_once(write_scenario):

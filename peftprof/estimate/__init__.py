@@ -25,6 +25,7 @@ from . import activations as act_mod
 from . import distributed as dist_mod
 from . import memory as mem
 from . import peft_methods
+from . import xlora as xlora_model
 from .cuda import CUDA_CUBLAS_WORKSPACE_BYTES, cuda_reserved_and_device_bytes
 from .flops import DEFAULT_MFU, flops_per_step
 
@@ -64,6 +65,8 @@ def step_moments(s: Scenario, *, device: str) -> tuple[dict[str, int], list[tupl
     step = {"gradients": grads, "activations": 0, "logits": 0,
             "temporaries": mem.optimizer_temporary_bytes(s, device=device)}
     forward = peft_methods.forward_moments(s, device, grads_live)  # 5. DoRA's forward transients (peft_methods.py)
+    forward += xlora_model.step_moments(s, device, grads_live)  # X-LoRA's scaling pass and experts (xlora.py)
+    forward += peft_methods.recompute_moments(s, device, grads, grads_live)  # 6. and their rerun under checkpointing
     return persistent, [("backward", backward), ("backward", late), ("backward", end), ("optimizer", step)] + forward, paged
 
 
@@ -132,7 +135,7 @@ def estimate(s: Scenario, *, device: str | None = None, gpu: Gpu | None = None, 
         from ..vision.estimate import estimate as vision_estimate
 
         return vision_estimate(s, device=device, gpu=gpu, mfu=mfu)
-    gap = analytic_gap(s.model.arch.model_type) or peft_methods.analytic_gap(s)
+    gap = analytic_gap(s.model.arch.model_type) or peft_methods.analytic_gap(s) or xlora_model.analytic_gap(s)
     if gap:
         raise AnalyticUnsupported(f"{s.name}: {gap}; --method trace answers")
     device = device or ("cuda" if s.run.device == "auto" else s.run.device)

@@ -10,8 +10,9 @@ import functools
 
 from ..arch import LinearSpec
 from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
+from . import adapter_saves, gpt2_saves, peft_methods
 from . import autocast as amp
-from . import peft_methods
+from . import xlora as xlora_model
 from .memory import embedding_gradient_bytes, quantized_linears, quanto_group_size
 from .moe import moe_backward_moments, router_logits_bytes
 from .rotary import (
@@ -188,7 +189,9 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
                 saved[f"{tag}.normed"] = normed_bytes(s) * T * width
         else:
             saved[f"{tag}.in"] = amp.layernorm_saved_input_bytes(s, device) * T * a.hidden_size
-            saved[f"{tag}.mean_rstd"] = 2 * FP32 * T
+            # (gpt2: mean/rstd in the input's dtype on CPU, gpt2_saves.layernorm_stats_bytes)
+            saved[f"{tag}.mean_rstd"] = (gpt2_saves.layernorm_stats_bytes(s, device) if a.model_type == "gpt2"
+                                         else 2 * FP32) * T
 
     # dtypes of the linears' inputs (estimate/autocast.py; all the hidden dtype without autocast)
     lin_out_dtype = amp.linear_output_dtype(s)
@@ -200,6 +203,7 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
     def linear(name: str, in_key: str, out_key: str) -> None:
         plain = _linear_saves(s, lin[name], in_key, out_key, T, act, device, in_dtypes[in_key])
         out = peft_methods.linear_saves(s, lin[name], plain, in_key, T, act, device)
+        out = xlora_model.linear_saves(s, lin[name], out, in_key, T, act, device)  # X-LoRA's x * gate (xlora.py)
         if in_key == "o_in" and "attn_out" in saved and a.model_type != "phi3":
             # SDPA's CPU kernels return the output laid out as (b, s, heads, head_dim): the transpose and
             # reshape before o_proj are views of the saved attn_out, no copy (measured on CPU; not so for phi3,
@@ -214,7 +218,7 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
     def attention(k_repeat: bool) -> None:
         k_size = q_dim if k_repeat else kv_dim
         if s.peft.method == "prefix_tuning":
-            if s.training.attention == "sdpa":
+            if s.training.attention == "sdpa" and not gpt2_saves.sdpa_math_path(s, device):
                 # the prefix makes q and kv lengths differ, so transformers passes SDPA an explicit mask
                 # (masking_utils sdpa_mask: no is_causal shortcut), which torch converts to a float mask in the
                 # query dtype (convert_boolean_attn_mask) in every layer's call, and the kernel saves: b x s x s_kv
@@ -231,16 +235,18 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
             # attention dropout in training: eager, and SDPA on CPU (its math fallback) save the softmax
             # output, the dropout mask and the dropped probabilities (+ scaled q/k copies: the keys above)
             soft, drop, drop_mask = amp.attention_dropout_bytes(s, device, mask)
+            if not amp.enabled(s) and gpt2_saves.sdpa_math_fp32(s, device):  # SDPA's CPU math path: all fp32
+                soft = drop = drop_mask = FP32
             if soft != att:  # the CPU math path's fp32 copies of q, k, v (see attention_dropout_bytes)
                 saved["q"], saved["k"], saved["v"] = (soft * saved[k] // att for k in ("q", "k", "v"))
             saved["softmax"] = soft * probs
             saved["attn_dropout_mask"] = drop_mask * probs
             saved["dropped_probs"] = drop * probs
-            if a.model_type == "gpt2" and s.training.attention == "sdpa" and b == 1 and not amp.enabled(s):
+            if a.model_type == "gpt2" and s.training.attention == "sdpa" and b == 1 and soft == att:
                 # gpt2 splits q, k, v from one c_attn output (modeling_gpt2.py); the math path saves scaled
                 # copies of q and k (the keys above) and, for probs @ v, v folded to (b*heads, s, head_dim):
                 # with b = 1 that reshape is a view that keeps the whole q|k|v storage alive, with b > 1 a
-                # copy (the v above). Measured on CPU.
+                # copy (the v above); half inputs go to fp32 copies instead (gpt2_saves.sdpa_math_fp32). Measured on CPU.
                 saved["qkv_rest"] = att * T * (q_dim + 2 * kv_dim) - saved["v"]
             return
         if s.training.attention == "sdpa":
@@ -265,10 +271,16 @@ def _compute_layer_saves(s, device: str) -> dict[str, int]:
         saved["resid_drop1"] = mask * T * a.hidden_size
         norm("ln_2")
         linear("mlp.c_fc", "x2", "fc")
-        # NewGELUActivation (transformers activations.py) is 0.5*x*(1+tanh(c*(x+0.044715*x^3))): pow saves
-        # x, tanh its output, the last mul both factors (0.5*x and 1+tanh); its output is saved by the next
-        # linear only if that needs it (mlp_mid below). Measured on CPU.
-        saved["gelu"] = amp.gelu_saved_bytes_per_element(s, device) * T * a.intermediate_size
+        # the activation's saved tensors (gpt2_saves.ACT_SAVES: gelu_new's x, tanh, 0.5*x and 1+tanh); its output,
+        # c_proj's input, counts once whether the activation (relu) or c_proj (mlp_mid below) saves it. Traced.
+        gap = gpt2_saves.activation_gap(s)
+        if gap:
+            from . import AnalyticUnsupported
+
+            raise AnalyticUnsupported(f"{gap}; --method trace answers")
+        saved["gelu"] = gpt2_saves.act_saved_bytes(s, device, T)  # (named for the default gelu_new: any activation)
+        if gpt2_saves.act_saves_output(s):
+            saved["mlp_mid"] = lin_out * T * a.intermediate_size
         linear("mlp.c_proj", "mlp_mid", "mlp_out")
         saved["resid_drop2"] = mask * T * a.hidden_size
     elif a.model_type == "opt":
@@ -310,7 +322,8 @@ def model_activation_bytes(s: Scenario, device: str = "cpu") -> int:
     a = s.model.arch
     act = activation_bytes_per_element(s)
     T = tokens_per_micro_batch(s)
-    total = final_norm_saved_bytes(s) + lm_head_saved_bytes(s)
+    total = final_norm_saved_bytes(s, device) + lm_head_saved_bytes(s)
+    total += xlora_model.classifier_saved_bytes(s, device)  # X-LoRA's classifier and gates (xlora.py)
     if a.n_experts:
         total += router_logits_bytes(s, T)
     prefix = s.peft.method == "prefix_tuning"
@@ -319,6 +332,7 @@ def model_activation_bytes(s: Scenario, device: str = "cpu") -> int:
         # (cos and sin follow position_ids, (1, s) when the batch gives none: broadcast over the batch)
         total += 2 * act * (T // s.training.batch_size) * a.head_dim
 
+    total += gpt2_saves.model_level_bytes(s, T)  # (gpt2: position ids, the wte output held as a leaf)
     if a.resid_dropout and (s.training.checkpoint_every or s.peft.method in ("full", "prompt_tuning")):
         # embedding dropout (gpt2 embd_pdrop, opt dropout) saves its mask when the embeddings' output needs a
         # gradient (trained embeddings or prompt; checkpointing's enable_input_require_grads); measured on CPU
@@ -335,7 +349,7 @@ def model_activation_bytes(s: Scenario, device: str = "cpu") -> int:
     return total + sliding_window_mask_bytes(s, T)
 
 
-def final_norm_saved_bytes(s: Scenario) -> int:
+def final_norm_saved_bytes(s: Scenario, device: str = "cpu") -> int:
     """The final norm's saved tensors (as in `norm` above): its backward runs before any decoder layer's, so
     they are gone by then (autograd runs nodes in reverse creation order; measured on CPU)."""
     a = s.model.arch
@@ -346,7 +360,8 @@ def final_norm_saved_bytes(s: Scenario) -> int:
         normed = normed_bytes(s) * T * a.hidden_size if s.peft.method == "full" else 0
         one_plus_w = FP32 * a.hidden_size if a.model_type in GEMMA_NORMS else 0  # as in `norm`
         return FP32 * T * a.hidden_size + FP32 * T + normed + one_plus_w
-    return activation_bytes_per_element(s) * T * a.hidden_size + 2 * FP32 * T
+    stats = gpt2_saves.layernorm_stats_bytes(s, device) if a.model_type == "gpt2" else 2 * FP32  # as in `norm`
+    return activation_bytes_per_element(s) * T * a.hidden_size + stats * T
 
 
 def lm_head_saved_bytes(s: Scenario) -> int:
@@ -355,9 +370,12 @@ def lm_head_saved_bytes(s: Scenario) -> int:
     the cast of its input. Its backward runs first, so these are gone before any layer's (as the final norm's)."""
     a = s.model.arch
     total = amp.lm_head_cast_bytes(s) * a.vocab_size * a.embed_dim
+    total += adapter_saves.trained_lm_head_saved_bytes(s)  # modules_to_save = ["lm_head"] (estimate/adapter_saves.py)
     if s.peft.method == "full":
-        if amp.enabled(s):
-            total += amp.input_cast_bytes(s, amp.norm_output_dtype(s, "cpu")) * tokens_per_micro_batch(s) * a.embed_dim
+        if amp.enabled(s):  # the input's cast, or the input itself when it has the autocast dtype (traced)
+            norm_out = amp.norm_output_dtype(s, "cpu")
+            total += (amp.input_cast_bytes(s, norm_out) or BYTES_PER_ELEMENT[norm_out]) * tokens_per_micro_batch(s) \
+                * a.embed_dim
         else:  # F.linear saves its input, the final norm's output, for the trained weight (measured on CPU)
             total += activation_bytes_per_element(s) * tokens_per_micro_batch(s) * a.embed_dim
     return total
@@ -383,14 +401,15 @@ def first_layer_unsaved_bytes(s: Scenario, device: str = "cpu") -> int:
     """Prefix tuning: before layer 0's attention nothing requires a gradient (frozen embeddings, norm and
     projections; the trainable prefix enters as past keys/values), so autograd records no node there and that
     norm and the q/k/v projections save nothing (only the attention onwards does). Measured on CPU."""
-    if s.training.checkpoint_every:
+    if s.training.checkpoint_every or adapter_saves.embedding_trained(s):  # (a trained embedding copy: adapter_saves)
         return 0
     total = 0
     m, a = s.peft, s.model.arch
     saves = layer_saves(s, device)
     if m.method == "prefix_tuning":
         total = sum(v for key, v in saves.items() if key.startswith(FIRST_NORMS + QK_NORMS) or key == "x1")
-    elif m.method in ("lora", "ia3"):
+        total += gpt2_saves.first_layer_prefix_unsaved_bytes(s, saves)  # (gpt2: layer 0's key)
+    elif m.method in adapter_saves.ADAPTER_METHODS:
         # the same holds for the first norm of LoRA/IA3 (frozen embeddings, no gradient into the layer's input:
         # the adapters' own saves of its output stay), and for q_norm/k_norm on an untargeted projection
         total = sum(v for key, v in saves.items() if key.startswith(FIRST_NORMS))
@@ -402,6 +421,8 @@ def first_layer_unsaved_bytes(s: Scenario, device: str = "cpu") -> int:
                 if not _targeted(s, specs[proj]):
                     total += sum(v for key, v in saves.items() if key.startswith(tag))
     total += peft_methods.first_layer_unsaved_bytes(s, layer_saves(s, device))  # DoRA (estimate/peft_methods.py)
+    total += adapter_saves.first_layer_unsaved_bytes(s, saves)  # LoHa, LoKr, OFT (estimate/adapter_saves.py)
+    total += xlora_model.first_layer_unsaved_bytes(s, saves)  # X-LoRA (estimate/xlora.py)
     return total + _first_layer_unsaved_casts(s, device)
 
 
@@ -450,19 +471,23 @@ def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = 
         per_layer_grad = a.layer_param_count * trainable_bytes_per_element(s)
     if full:
         top_grads = grads - n * per_layer_grad - embedding_gradient_bytes(s)
-    elif s.peft.method in ("lora", "ia3"):  # adapters sit in every layer; their gradients arrive layer by layer
-        per_layer_grad = grads // n
-        top_grads = grads - n * per_layer_grad
+        if a.model_type == "gpt2":  # wpe's gradient (learned positions, an embedding) comes last, as wte's (traced)
+            top_grads -= a.n_position_embeddings * a.hidden_size * trainable_bytes_per_element(s)
+    elif s.peft.method in adapter_saves.ADAPTER_METHODS:  # adapters in every layer: gradients arrive layer by layer
+        top_saved, bottom_saved = adapter_saves.saved_module_gradient_bytes(s)  # modules_to_save: first and last
+        per_layer_grad = (grads - top_saved - bottom_saved) // n
+        top_grads = grads - n * per_layer_grad - bottom_saved
     else:  # prompt/prefix: the one trainable tensor gets its gradient after every layer's backward
         top_grads = 0
     per_layer, ckpt = activation_bytes_per_layer(s, device), checkpoint_bytes_per_layer(s)
+    recomputed = per_layer - gpt2_saves.recompute_shared_bytes(s, layer_saves(s, device), device)  # (gpt2: ln_1.in)
     held = [ckpt if k and i % k == 0 else per_layer for i in range(n)]
     held[0] -= first_layer_unsaved_bytes(s, device)
     common = {"logits": held_logits_bytes(s), "temporaries": 0}
     best: dict[str, int] = {}
     below = sum(held)
     mlp = mlp_saved_bytes(s, device)
-    model_level = model_activation_bytes(s, device) - final_norm_saved_bytes(s) - lm_head_saved_bytes(s)
+    model_level = model_activation_bytes(s, device) - final_norm_saved_bytes(s, device) - lm_head_saved_bytes(s)
     mlp_moments, attn_temps = mlp_backward_moments(s, device), attention_backward_temporary_bytes(s)
     for i in range(n - 1, -1, -1):
         one_step = s.training.grad_accum_steps == 1
@@ -471,17 +496,32 @@ def layer_backward_peak(s: Scenario, grads: int, grads_live: int, device: str = 
         # the layer's MLP backward (first): the layer saved (recomputed if checkpointed) less what is freed
         cands = [{**common, "gradients": max(g + (layer_grads if one_step else 0), grads_live),
                   "activations": below + model_level - (0 if ckpt_i else freed),
-                  "temporaries": (per_layer - freed if ckpt_i else 0) + temps}
+                  "temporaries": (recomputed - freed if ckpt_i else 0) + temps}
                  for freed, layer_grads, temps in mlp_moments]
+        if ckpt_i and a.model_type == "gpt2":  # the recomputed forward's c_proj (gpt2_saves.recompute_peak_bytes)
+            cands.append({**common, "gradients": max(g, grads_live), "activations": below + model_level,
+                          "temporaries": recomputed + gpt2_saves.recompute_peak_bytes(
+                              s, layer_saves(s, device), tokens_per_micro_batch(s), _gpt2_lora_c_proj(s))})
         # inside attention's backward: the layer's MLP part is freed
         cands.append({**common, "gradients": max(g, grads_live),
                       "activations": below - (0 if ckpt_i else mlp) + model_level,
-                      "temporaries": (per_layer - mlp if ckpt_i else 0) + attn_temps})
+                      "temporaries": (recomputed - mlp if ckpt_i else 0) + attn_temps})
+        cands += adapter_saves.layer_backward_moments(  # LoHa/LoKr/VeRA/OFT branches' backward (adapter_saves.py)
+            s, device, common={**common, "gradients": max(g, grads_live)}, below=below + model_level,
+            recomputed=recomputed if ckpt_i else 0)
         for cand in cands:
             if sum(cand.values()) > sum(best.values()):
                 best = cand
         below -= held[i]
+    for cand in adapter_saves.lm_head_backward_moments(s, device, grads_live):  # a trained lm_head copy (adapter_saves)
+        if sum(cand.values()) > sum(best.values()):
+            best = cand
     return best
+
+
+def _gpt2_lora_c_proj(s: Scenario) -> bool:
+    down = next(spec for spec in s.model.arch.layer_linears if spec.path == "mlp.c_proj")
+    return s.peft.method == "lora" and _targeted(s, down)
 
 
 def recompute_bytes(s: Scenario, device: str = "cpu") -> int:
@@ -582,6 +622,10 @@ def mlp_backward_moments(s: Scenario, device: str = "cpu") -> list[tuple[int, in
     moments = [(lora_saves if lora else 0, layer_grads, (2 if lora else 1) * grad + dequantized_weight_bytes(s))]
     if a.model_type not in ("gpt2", "opt"):
         moments.append((lora_saves + saves.get("mlp_mid", 0) * (not lora or base_saves_input), layer_grads, 3 * grad))
+    if a.model_type == "gpt2":  # (gpt2_saves.mlp_backward_moments)
+        ia3_ff = m.method == "ia3" and _targeted(s, down) and _is_feedforward(s, down)
+        return gpt2_saves.mlp_backward_moments(s, saves, tokens_per_micro_batch(s), lora, ia3_ff, layer_grads,
+                                               dequantized_weight_bytes(s))
     return moments
 
 

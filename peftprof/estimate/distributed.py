@@ -266,7 +266,7 @@ def fsdp_moments(s: Scenario, device: str) -> tuple[list[tuple[str, dict[str, in
     per_layer, ckpt = act_mod.activation_bytes_per_layer(s, device), act_mod.checkpoint_bytes_per_layer(s)
     held = [ckpt if k and i % k == 0 else per_layer for i in range(n)]
     held[0] -= act_mod.first_layer_unsaved_bytes(s, device)
-    model_level = act_mod.model_activation_bytes(s, device) - act_mod.final_norm_saved_bytes(s) - \
+    model_level = act_mod.model_activation_bytes(s, device) - act_mod.final_norm_saved_bytes(s, device) - \
         act_mod.lm_head_saved_bytes(s)
     # 0. forward, the copy-out of layer i's all-gather (wait_for_unshard): the previous group's flat buffer is
     # still referenced (its `prev_all_gather_state` local lives until the method returns), beside layer i's

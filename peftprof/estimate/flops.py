@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..settings import Scenario
 from .activations import tokens_per_micro_batch
 from .memory import trainable_tensors
+from .xlora import expert_flops_per_token
 
 DEFAULT_MFU = 0.35  # assumed model-FLOPs utilisation of PEFT steps (not yet measured on a GPU); --mfu overrides
 
@@ -18,6 +19,8 @@ def matmul_flops_per_token(s: Scenario) -> tuple[int, int]:
     if s.peft.method == "full":
         return 0, base
     adapter = 2 * sum(trainable_tensors(s)) if s.peft.method == "lora" else 0
+    if s.peft.method == "xlora":  # frozen experts (input gradients only), trained classifier (estimate/xlora.py)
+        base, adapter = base + expert_flops_per_token(s), 2 * sum(trainable_tensors(s))
     return base, adapter
 
 
@@ -57,4 +60,6 @@ def flops_per_step(s: Scenario) -> int:
         n_ckpt = len(range(0, a.n_layers, k))
         recompute = (fwd - 2 * a.vocab_size * a.embed_dim) * n_ckpt / a.n_layers
     per_token = fwd + bwd + recompute
+    if s.peft.method == "xlora":  # X-LoRA's no-grad scaling pass: the model and its experts once more
+        per_token += frozen + attn
     return int(per_token * tokens_per_micro_batch(s) * s.training.grad_accum_steps)

@@ -11,7 +11,8 @@ import math
 
 from ..arch import Arch, LinearSpec
 from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
-from . import cuda, peft_methods
+from . import adapter_saves, cuda, peft_methods
+from . import xlora as xlora_model
 from .moe import check_moe_analytic
 from .widths import (  # noqa: F401  (re-exported: tests read them here)
     ADAPTER_BYTES_PER_ELEMENT,
@@ -38,12 +39,13 @@ def weight_bytes(s: Scenario) -> int:
     p = s.precision
     if a.n_experts:  # the analytic estimate starts here: adapters on experts/router go to the trace (estimate/moe.py)
         check_moe_analytic(s)
+    frozen = peft_methods.frozen_adapter_bytes(s) + adapter_saves.frozen_buffer_bytes(s)  # K adapters, VeRA, OFT
+    frozen += xlora_model.expert_bytes(s)  # X-LoRA's K frozen experts (estimate/xlora.py)
     if not p.is_quantized:
-        return a.n_params * BYTES_PER_ELEMENT[p.weights] + peft_methods.frozen_adapter_bytes(s)
+        return a.n_params * BYTES_PER_ELEMENT[p.weights] + frozen
     linear_weights = sum(spec.n_weight_params for spec in quantized_linears(a))
     packed = sum(math.ceil(spec.n_weight_params / 2) for spec in quantized_linears(a)) if p.is_4bit else linear_weights
-    return (packed + (a.n_params - linear_weights) * non_quantized_bytes_per_element(s)
-            + peft_methods.frozen_adapter_bytes(s))
+    return packed + (a.n_params - linear_weights) * non_quantized_bytes_per_element(s) + frozen
 
 
 def quant_constant_bytes(s: Scenario) -> int:
@@ -86,7 +88,17 @@ def quanto_group_size(in_features: int, out_features: int) -> int:
 
 
 def trainable_tensors(s: Scenario) -> list[int]:
-    return list(_trainable_tensors(s.peft, s.model.arch))
+    """Element counts of every trainable tensor: the adapter's, then modules_to_save's full copies."""
+    return list(_trainable_tensors(s.peft, s.model.arch)) + [n for n, _ in adapter_saves.saved_module_tensors(s)]
+
+
+def trainable_tensor_widths(s: Scenario) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of every trainable tensor, as `trainable_tensors`: the adapter's in
+    `adapter_saves.adapter_bytes_per_element` (fp32 but cat's combined adapter), modules_to_save's copies in their
+    module's dtype (estimate/adapter_saves.py)."""
+    width = adapter_saves.adapter_bytes_per_element(s) if s.peft.method != "full" else trainable_bytes_per_element(s)
+    width = xlora_model.classifier_bytes_per_element(s) if s.peft.method == "xlora" else width  # model dtype
+    return [(n, width) for n in _trainable_tensors(s.peft, s.model.arch)] + adapter_saves.saved_module_tensors(s)
 
 
 @functools.lru_cache(maxsize=4096)  # sweeps re-ask for the same (peft, arch) pair many times
@@ -94,6 +106,8 @@ def _trainable_tensors(m, a) -> tuple[int, ...]:
     """Element counts of every trainable tensor, as peft creates them (LoRA A r x in and B out x r per
     targeted module; IA3 one vector per module, in_features for feed-forward ones, else out_features;
     prompt tuning n_virtual x hidden; prefix tuning n_virtual x n_layers*2*kv_dim; peft/tuners/*)."""
+    if m.method == "xlora":  # the gating classifier (estimate/xlora.py)
+        return xlora_model.classifier_tensors(m, a)
     modelled = peft_methods.trainable_tensors(m, a)  # newer methods and LoRA options
     if modelled is not None:
         return modelled
@@ -144,12 +158,12 @@ def trainable_param_bytes(s: Scenario) -> int:
     """Adapter parameters; 0 for full fine-tuning (its weights are in `weight_bytes`)."""
     if s.peft.method == "full":
         return 0
-    return sum(trainable_tensors(s)) * ADAPTER_BYTES_PER_ELEMENT
+    return sum(n * w for n, w in trainable_tensor_widths(s))
 
 
 def gradient_bytes(s: Scenario) -> int:
     """One gradient per trainable parameter, in the parameter's dtype (torch autograd)."""
-    return sum(trainable_tensors(s)) * trainable_bytes_per_element(s)
+    return sum(n * w for n, w in trainable_tensor_widths(s))
 
 
 def optimizer_state_bytes(s: Scenario, *, device: str = "cpu") -> tuple[int, int]:
@@ -166,11 +180,11 @@ def optimizer_state_bytes(s: Scenario, *, device: str = "cpu") -> tuple[int, int
     if device == "cuda":
 
         if opt == "adamw":
-            return cuda.adamw_state_bytes(tensors, trainable_bytes_per_element(s)), 0
+            return sum(cuda.adamw_state_bytes([n], w) for n, w in trainable_tensor_widths(s)), 0
         return cuda.bnb_state_bytes(tensors, eight_bit=opt.endswith("8bit"), paged=opt.startswith("paged"))
     resident = paged = 0
     if opt == "adamw":
-        return sum(tensors) * trainable_bytes_per_element(s) * 2 + FP32 * len(tensors), 0
+        return sum(2 * n * w for n, w in trainable_tensor_widths(s)) + FP32 * len(tensors), 0
     eight_bit = opt.endswith("8bit")
     for n in tensors:
         if eight_bit and n >= BNB_8BIT_MIN_SIZE:
@@ -207,8 +221,8 @@ def optimizer_temporary_bytes(s: Scenario, *, device: str = "cpu") -> int:
         return 0
     if device == "cuda":
 
-        return cuda.adamw_temporary_bytes(trainable_tensors(s), trainable_bytes_per_element(s))
-    return 2 * max(trainable_tensors(s), default=0) * trainable_bytes_per_element(s)
+        return sum(cuda.adamw_temporary_bytes([n], w) for n, w in trainable_tensor_widths(s))
+    return 2 * max((n * w for n, w in trainable_tensor_widths(s)), default=0)
 
 
 def embedding_weight_elements(s: Scenario) -> int:

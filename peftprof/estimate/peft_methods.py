@@ -5,19 +5,24 @@ where the option is off. Bytes throughout (element counts where the name says so
 
 What the analytic estimator models here (each checked against the CPU runner, benchmarks/accuracy_methods.py):
 DoRA's magnitude vectors, saved tensors and forward transients (a forward moment of the step, added by
-estimate/__init__.py step_moments), rsLoRA (scaling only: nothing changes), K resident LoRA adapters and their
-linear/svd merge (add_weighted_adapter: a rank-r adapter trained beside the K; cat's rank-K r one: trace only).
-LoHa, LoKr, VeRA and OFT have exact trainable counts (tests/test_peft_methods.py checks them against peft's
-own models), but their saved tensors are not modelled: `--method trace` answers for them (analytic_gap).
+estimate/__init__.py step_moments; under autocast too), their rerun inside backward under gradient checkpointing
+(recompute_moments, llama-like families; docs/dora-analytic.md), rsLoRA (scaling only: nothing changes), K
+resident LoRA adapters and their linear/svd merge (add_weighted_adapter: a rank-r adapter trained beside the K).
+The trainable counts of LoHa, LoKr, VeRA and OFT are here too (tests/test_peft_methods.py checks them against
+peft's own models); their saved tensors, cat's rank-K r adapter and modules_to_save: estimate/adapter_saves.py.
 """
 
 from __future__ import annotations
 
 from ..arch import Arch, LinearSpec
-from ..settings import Scenario, matches_target
+from ..settings import BYTES_PER_ELEMENT, Scenario, matches_target
 from . import adapter_saves
 from .adapter_saves import TRACE_ONLY_METHODS
 from .widths import ADAPTER_BYTES_PER_ELEMENT, FP32
+
+# families whose decoder layer is llama's (two RMSNorms, q/k/v/o, gate/up/down): DoRA's checkpointed rerun is
+# modelled and checked on them (recompute_moments)
+DORA_RECOMPUTE_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 def analytic_gap(s: Scenario) -> str | None:
@@ -26,14 +31,15 @@ def analytic_gap(s: Scenario) -> str | None:
     gap = adapter_saves.analytic_gap(s)  # LoHa, LoKr, VeRA, OFT, modules_to_save, target_parameters, cat
     if gap is not None:
         return gap
-    if m.use_dora and s.precision.autocast != "none":
-        return "the analytic estimator does not model DoRA under autocast"
+    if m.use_dora and s.precision.autocast != "none" and s.training.checkpoint_every:
+        # (the rerun's stream and gradients, recompute_moments, are measured without autocast only)
+        return "the analytic estimator does not model DoRA under autocast together with gradient checkpointing"
     if m.use_dora and s.model.arch.model_type in ("gpt2", "opt"):
         return f"the analytic estimator does not model DoRA on {s.model.arch.model_type}"
-    if m.use_dora and s.training.checkpoint_every:
-        # the recomputed forward of a checkpointed layer redoes DoRA's weight norm inside backward: its
-        # full-size transients (identity in x in, B A, W + s BA) add to that moment (measured on CPU: up to 21%)
-        return "the analytic estimator does not model DoRA's weight-norm transients under gradient checkpointing"
+    if m.use_dora and s.training.checkpoint_every and s.model.arch.model_type not in DORA_RECOMPUTE_FAMILIES:
+        # the rerun of a checkpointed layer (recompute_moments) is modelled on the llama decoder layer only
+        return (f"the analytic estimator models DoRA under gradient checkpointing for "
+                f"{', '.join(DORA_RECOMPUTE_FAMILIES)} only, not {s.model.arch.model_type}")
     return None
 
 
@@ -200,12 +206,33 @@ def linear_saves(s: Scenario, spec, saved: dict[str, int], in_key: str, T: int, 
     out = dict(saved)
     tag = spec.path
     n_out = spec.out_features
+    if s.precision.autocast != "none":
+        return _autocast_dora_saves(s, spec, out, T)
     base_out = ADAPTER_BYTES_PER_ELEMENT if s.peft.dropout > 0 else act
     out[f"{tag}.dora_base_out"] = base_out * T * n_out
     out[f"{tag}.dora_lora_out"] = ADAPTER_BYTES_PER_ELEMENT * T * n_out
     out[f"{tag}.dora_vectors"] = 3 * FP32 * n_out
     if dora_weight_copy_saved(s):
         out[f"{tag}.dora_weight"] = ADAPTER_BYTES_PER_ELEMENT * spec.n_weight_params
+    return out
+
+
+def _autocast_dora_saves(s: Scenario, spec: LinearSpec, out: dict[str, int], T: int) -> dict[str, int]:
+    """DoRA's saves under torch.autocast (estimate/autocast.py): lora_B's output comes in the autocast dtype; the
+    base output is the base layer's (its linear output dtype) or, with dropout, F.linear(dropout(x), W.to(fp32)),
+    an autocast mm that returns the autocast dtype and saves a fresh autocast-dtype cast of the weight (not a leaf
+    that requires grad, so not cached; the input's cast is lora_A's); the products promote to fp32 but save their
+    factors. Measured on CPU."""
+    from . import autocast as amp
+
+    ac, tag, n_out = amp.autocast_bytes(s), spec.path, spec.out_features
+    if s.peft.dropout > 0:
+        out[f"{tag}.dora_base_out"] = ac * T * n_out
+        out[f"{tag}.dora_weight"] = ac * spec.n_weight_params
+    else:
+        out[f"{tag}.dora_base_out"] = amp.linear_output_bytes(s) * T * n_out
+    out[f"{tag}.dora_lora_out"] = ac * T * n_out
+    out[f"{tag}.dora_vectors"] = 3 * FP32 * n_out
     return out
 
 
@@ -232,18 +259,58 @@ def first_layer_unsaved_bytes(s: Scenario, saves: dict[str, int]) -> int:
 
 # --- the forward moment ---------------------------------------------------------------------------------------
 
-def dora_forward_transient_bytes(s: Scenario, spec: LinearSpec, T: int) -> int:
+def dora_forward_transient_bytes(s: Scenario, spec: LinearSpec, T: int, products: int = 3) -> int:
     """Transients of DoRA's forward for one adapted linear (in x out), peft tuners/lora/dora.py
     DoraLinearLayer.forward, all fp32 (the adapter dtype): get_lora_weight runs lora_B(lora_A(I_in)) on an in x in
     identity, whose autograd graph keeps the identity and lora_A's in x r output alive (lora_A's weight needs a
-    gradient) with the in x out result until the forward returns. Then either
-    - the weight norm: W cast to fp32 (a copy unless W is fp32), s * lora_weight and W + s * lora_weight, or
-    - the products of the rescaling, three tokens x out tensors,
-    whichever is larger. Measured on CPU."""
+    gradient) with the in x out result until the forward returns. Then the larger of
+    - the weight norm: W cast to fp32 (a copy unless W is fp32), s * lora_weight and W + s * lora_weight, and
+    - the rescaling: the weight copy, lora_A's and lora_B's outputs (tokens x r, tokens x out: saved, but made
+      here), the three out-sized vectors and three tokens x out products (`products`: fewer where a checkpointed
+      layer's rerun stops early, `recompute_moments`).
+    With dropout the base output is recomputed in fp32 (F.linear(dropout(x), W), booked as the saved dora_base_out)
+    after the weight norm, while the base layer's own output (in its dtype) is held by peft's Linear.forward
+    throughout. Measured on CPU (forward, and the recomputed forward of a checkpointed layer)."""
     i, o, r = spec.in_features, spec.out_features, s.peft.r
     copy = 0 if s.precision.weights == "fp32" else 1
-    held = i * i + i * r + i * o + copy * i * o
-    return FP32 * (held + max(2 * i * o, 3 * T * o))
+    if s.precision.autocast != "none":
+        return _autocast_dora_transient_bytes(s, spec, T, products)
+    held = FP32 * (i * i + i * r + i * o + copy * i * o)
+    norm = FP32 * 2 * i * o
+    rescale = FP32 * (T * r + T * o + 3 * o + products * T * o)
+    if s.peft.dropout > 0:
+        from .widths import activation_bytes_per_element
+
+        own = activation_bytes_per_element(s) * T * o
+        norm += own - FP32 * T * o  # (the fp32 recomputed output is not made yet)
+        rescale += own
+    return held + max(norm, rescale)
+
+
+def _autocast_dora_transient_bytes(s: Scenario, spec: LinearSpec, T: int, products: int) -> int:
+    """`dora_forward_transient_bytes` under torch.autocast: lora_A's mm saves the autocast-dtype cast of the
+    identity, not the fp32 identity, which is freed when get_lora_weight returns; lora_A's and lora_B's outputs
+    come in the autocast dtype and `lora_weight.to(x.dtype)` adds an fp32 copy. Three moments: the end of
+    get_lora_weight (fp32 identity, its cast, both outputs), the weight norm, the rescaling (lora_B's output over x
+    in the autocast dtype, three fp32 products). With dropout, the base layer's own output is held throughout and
+    the recomputed base output (autocast dtype, booked as dora_base_out) comes after the weight norm. Measured on
+    CPU."""
+    from . import autocast as amp
+
+    i, o, r = spec.in_features, spec.out_features, s.peft.r
+    ac = amp.autocast_bytes(s)
+    copy = 0 if s.precision.weights == "fp32" else 1
+    casts = ac * (i * i + i * r + i * o)
+    held = casts + FP32 * (1 + copy) * i * o
+    first = FP32 * i * i + casts
+    norm = held + FP32 * 2 * i * o
+    rescale = held + ac * (T * r + T * o) + FP32 * (3 * o + products * T * o)
+    if s.peft.dropout > 0:
+        own = amp.linear_output_bytes(s) * T * o
+        first += own - ac * T * o
+        norm += own - ac * T * o
+        rescale += own
+    return max(first, norm, rescale)
 
 
 def forward_moments(s: Scenario, device: str, grads_live: int) -> list[tuple[str, dict[str, int]]]:
@@ -277,11 +344,36 @@ def forward_moments(s: Scenario, device: str, grads_live: int) -> list[tuple[str
         first = keys.index(mine[0]) if mine else len(keys)
         # made before the weight norm: the base output and the adapter's input (its fp32 cast, dropout)
         partial = sum(saves[k] for k in keys[:first]) + sum(
-            saves.get(f"{spec.path}.{k}", 0) for k in ("dora_base_out", "x_fp32", "dropout_out", "dropout_mask"))
-        live = _forward_stream_bytes(s, spec, T, stream)
+            saves.get(f"{spec.path}.{k}", 0) for k in _MADE_BEFORE_THE_NORM)
+        live = _forward_stream_bytes(s, spec, T, stream) + _autocast_stream_bytes(s, spec, saves, T)
         moments.append(("forward", {"gradients": grads_live, "activations": before + partial, "logits": 0,
                                     "temporaries": live + dora_forward_transient_bytes(s, spec, T)}))
     return moments
+
+
+# an adapted linear's saved tensors made before DoRA's weight norm: the base output, the adapter input's fp32 cast
+# and dropout; under autocast also the base mm's weight cast and the cached casts of lora_A/lora_B (get_lora_weight)
+_MADE_BEFORE_THE_NORM = ("dora_base_out", "x_fp32", "dropout_out", "dropout_mask", "w_cast", "lora_casts")
+
+
+def _autocast_stream_bytes(s: Scenario, spec: LinearSpec, saves: dict[str, int], T: int) -> int:
+    """Under autocast, alive unsaved while DoRA's weight norm runs: peft's fp32 cast of the adapter input
+    (lora/layer.py _cast_input_dtype; saved only as its autocast-dtype cast, made later by lora_A) unless the input
+    is fp32 already, and down_proj's input (the autocast-dtype product act(gate) * up: the base mm saves the weight's
+    cast, lora_A its own cast). Measured on CPU."""
+    if s.precision.autocast == "none":
+        return 0
+    from . import autocast as amp
+
+    mlp_mid = spec.path.endswith("down_proj")
+    in_dtype = amp.linear_output_dtype(s) if mlp_mid else (
+        s.precision.autocast if spec.path.endswith("o_proj") else amp.norm_output_dtype(s, "cpu"))
+    total = 0 if in_dtype == amp.FP32_NAME else FP32 * T * spec.in_features
+    if s.peft.dropout > 0:  # dropout's fp32 output: saved only as lora_A's cast of it
+        total += FP32 * T * spec.in_features
+    if mlp_mid and "mlp_mid" not in saves and amp.stream_bytes(s) == FP32:  # (else in _forward_stream_bytes)
+        total += BYTES_PER_ELEMENT[in_dtype] * T * spec.in_features
+    return total
 
 
 def _forward_stream_bytes(s: Scenario, spec: LinearSpec, T: int, stream: int) -> int:
@@ -299,5 +391,106 @@ def _forward_stream_bytes(s: Scenario, spec: LinearSpec, T: int, stream: int) ->
     n_hidden = (a.n_layers > 1) + 1 + mlp
     total += stream * T * a.hidden_size * n_hidden
     if spec.path.endswith("down_proj"):
+        total += stream * T * spec.in_features
+    return total
+
+
+# --- the recomputed forward of a checkpointed layer ---------------------------------------------------------------
+
+def recompute_moments(s: Scenario, device: str, grads: int, grads_live: int) -> list[tuple[str, dict[str, int]]]:
+    """Under gradient checkpointing the backward of a checkpointed layer first reruns its forward
+    (torch/utils/checkpoint.py, non-reentrant: `recompute_fn` under `_recomputation_hook`, which keeps what the
+    forward saves and stops after the last of it), DoRA's weight norm included: its transients
+    (`dora_forward_transient_bytes`) come inside backward. The moment of each adapted linear of each checkpointed
+    layer i: gradients of the layers above, the saved tensors of layers 0..i (layer i's checkpoint), the model's
+    logits held, and as temporaries the gradients alive when the recompute starts (`_recompute_trigger_grad_bytes`),
+    what the rerun has saved up to that linear, the hidden states it holds unsaved (`_recompute_stream_bytes`) and
+    the transients. (estimate/__init__.py step_moments adds these.) Measured on CPU."""
+    m = s.peft
+    a = s.model.arch
+    n, k = a.n_layers, s.training.checkpoint_every
+    if not (m.method == "lora" and m.use_dora) or not k:
+        return []
+    from . import activations as act_mod  # (activations.py imports this module)
+    from .widths import activation_bytes_per_element
+
+    T = act_mod.tokens_per_micro_batch(s)
+    saves = act_mod.layer_saves(s, device)
+    keys = list(saves)
+    per_layer = sum(saves.values())
+    held = [act_mod.checkpoint_bytes_per_layer(s, device) if i % k == 0 else per_layer for i in range(n)]
+    model_level = act_mod.model_activation_bytes(s, device) - act_mod.final_norm_saved_bytes(s) \
+        - act_mod.lm_head_saved_bytes(s)
+    stream = activation_bytes_per_element(s)
+    # (as activations.layer_backward_peak: adapter gradients arrive layer by layer, from the last)
+    per_layer_grad = grads // n
+    trigger = _recompute_trigger_grad_bytes(s, T, stream)
+    # an fp32 RMSNorm saves its input itself (`.to(float32)` is a no-op): in the rerun that is the checkpoint
+    overlap = saves.get("input_layernorm.in_fp32", 0) if stream == FP32 else 0
+    inner = []
+    for spec in a.layer_linears:
+        if not _dora_targeted(s, spec):
+            continue
+        mine = [key for key in keys if key.startswith(spec.path + ".")]
+        first = keys.index(mine[0]) if mine else len(keys)
+        partial = sum(saves[key] for key in keys[:first]) + sum(
+            saves.get(f"{spec.path}.{key}", 0) for key in _MADE_BEFORE_THE_NORM)
+        # the rerun stops once the last saved tensor is recomputed (checkpoint.py _StopRecomputationError): after
+        # down_proj's `mag_norm_scale * lora_result` (llama family: nothing saved after it), one product alive
+        last = spec.path.endswith("down_proj") and a.n_norms_per_layer == 2
+        # (measured: with an fp32 stream the residual after attention and the second norm's output, each saved,
+        # count once in the rerun)
+        twice = saves.get("x2", 0) if stream == FP32 and spec.path.startswith("mlp.") else 0
+        inner.append(trigger + partial - overlap - twice + _recompute_stream_bytes(s, spec, saves, T, stream)
+                     + dora_forward_transient_bytes(s, spec, T, products=1 if last else 3))
+    if not inner:
+        return []
+    moments = []
+    for i in range(0, n, k):
+        g = grads if s.training.grad_accum_steps > 1 else grads - (i + 1) * per_layer_grad
+        moments.append(("backward", {"gradients": max(g, grads_live), "activations": sum(held[:i + 1]) + model_level,
+                                     "logits": act_mod.held_logits_bytes(s), "temporaries": max(inner)}))
+    return moments
+
+
+def _recompute_trigger_grad_bytes(s: Scenario, T: int, stream: int) -> int:
+    """Gradients alive when the first backward node of a checkpointed layer unpacks a saved tensor and the rerun
+    starts: the layer output's gradient, made by the RMSNorm above it (the next layer's input norm or the final
+    norm: its multiply and pow paths, summed), and, when the layer's last linear (down_proj) carries DoRA, peft's
+    `result.to(torch_result_dtype)` and `result + result_dora` on a non-fp32 base (fp32 and base-dtype copies) and
+    the scaling's product (`* scaling`), all tokens x hidden. Measured on CPU (llama family)."""
+    a = s.model.arch
+    th = T * a.hidden_size
+    down = next((sp for sp in a.layer_linears if sp.path.endswith("down_proj")), None)
+    if down is not None and _dora_targeted(s, down):
+        return 3 * FP32 * th if stream == FP32 else (2 * FP32 + 3 * stream) * th
+    if s.precision.weights in ("nf4", "fp4") and down is not None:
+        # bitsandbytes MatMul4Bit keeps its tensors on ctx, out of checkpointing's reach: down_proj's backward
+        # runs before the rerun, whose trigger is then act(gate) * up, with down's fp32 input gradient alive
+        return stream * th + FP32 * T * down.in_features
+    return 2 * stream * th
+
+
+def _recompute_stream_bytes(s: Scenario, spec: LinearSpec, saves: dict[str, int], T: int, stream: int) -> int:
+    """Hidden states the rerun of a checkpointed layer holds but has not saved while `spec` runs (transformers
+    modeling_llama.py LlamaDecoderLayer, LlamaMLP): the input norm's output through the attention unless a lora_A
+    saved it (fp32 stream, no dropout); in the MLP the residual after attention (unless the fp32 norm saved it as
+    its own input) and, for down_proj, its input unless saved; in the attention the outputs of the q/k/v
+    projections run before `spec`. With dropout on a non-fp32 stream, peft's fp32 cast
+    of the adapter input (lora/layer.py _cast_input_dtype) stays alive beside the dropped copy it saves. The
+    layer's input is its checkpoint (activations); the second norm's output is not found alive. Measured on CPU."""
+    a = s.model.arch
+    th = stream * T * a.hidden_size
+    cast = FP32 * T * spec.in_features if s.peft.dropout > 0 and stream != FP32 else 0
+    if not spec.path.startswith("mlp."):
+        # the outputs of the q/k/v projections run before this one wait for rotary and attention to save them
+        from . import autocast as amp
+
+        qkv = [sp for sp in a.layer_linears if sp.path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
+        earlier = qkv[:[sp.path for sp in qkv].index(spec.path)] if spec in qkv else []
+        waiting = sum(BYTES_PER_ELEMENT[amp.linear_output_dtype(s)] * T * sp.out_features for sp in earlier)
+        return cast + waiting + (0 if "x1" in saves else th)
+    total = cast + (0 if stream == FP32 else th)
+    if spec.path.endswith("down_proj") and "mlp_mid" not in saves:
         total += stream * T * spec.in_features
     return total
