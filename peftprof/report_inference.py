@@ -23,7 +23,20 @@ def _num(v, spec: str):
     return None if not isinstance(v, (int, float)) or isinstance(v, bool) else format(v, spec)
 
 
+def _disk(r: dict) -> dict:
+    """Offloading figures ([inference] max_memory): estimated and measured bytes on disk, disk reads per
+    generated token (estimated) and per request (both); {} when neither the estimate nor the run has any."""
+    est, m = r.get("estimate") or {}, _measured(r)
+    if est.get("disk_bytes") is None and "disk" not in (m.get("placement_bytes") or {}):
+        return {}
+    return {"disk est.": est.get("disk_bytes"), "disk meas.": (m.get("placement_bytes") or {}).get("disk"),
+            "disk reads/token est.": est.get("disk_read_bytes_per_token"),
+            "disk reads/request est.": est.get("disk_read_bytes_per_request"),
+            "disk reads/request meas.": m.get("disk_read_bytes_per_request")}
+
+
 def serving_rows(records: list[dict], unit: str, scale: int) -> list[dict]:
+    offloaded = any(_disk(r) for r in records if is_inference(r))
     rows = []
     for r in records:
         if not is_inference(r):
@@ -44,6 +57,11 @@ def serving_rows(records: list[dict], unit: str, scale: int) -> list[dict]:
             "request ms": _num(m.get("latency_ms"), ",.1f"), "ms/token": _num(m.get("ms_per_token"), ",.2f"),
             "decode ms/token": _num(m.get("decode_ms_per_token"), ",.2f"),
             "tokens/s": _num(m.get("tokens_per_s"), ",.1f")})
+        if offloaded:  # columns only where some variant offloads; bytes in the report's unit
+            disk = _disk(r)
+            rows[-1].update({f"{k} ({unit})": _num(None if disk.get(k) is None else disk[k] / scale, ",.3f")
+                             for k in ("disk est.", "disk meas.", "disk reads/token est.", "disk reads/request est.",
+                                       "disk reads/request meas.")})
     return rows
 
 
@@ -75,7 +93,8 @@ def section_html(records, unit: str, scale: int, table_html, figure_html) -> str
             "batch_size prompts of seq_len tokens, then max_new_tokens greedy tokens with transformers' KV cache. "
             "Latency is the median request measured by <code>peftprof run</code>; the peak is the measured one "
             "(else the estimate). In the breakdown of these variants, activations are the KV cache and trainable "
-            "the resident adapters.</p>"
+            "the resident adapters. Offloaded variants ([inference] max_memory) add the bytes accelerate wrote to "
+            "disk and the bytes read back from it per generated token and per request.</p>"
             + figure_html(fig_latency_memory(records, unit, scale), "serving") + table_html(rows, "serving-table"))
 
 

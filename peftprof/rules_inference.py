@@ -20,6 +20,20 @@ MAX_MEMORY_ALLOWED = "a size accelerate reads (accelerate.utils.convert_file_siz
 # Linear8bitLt.merge, Linear4bit.merge: dequantize, add, requantize); IA3's (tuners/ia3/bnb.py) have no merge and
 # no peft layer merges into optimum-quanto's int4 QLinear
 MERGEABLE_QUANTIZED = {"lora": ("int8",) + BNB_4BIT_KINDS}
+# measured on tiny llama configs (tests/test_offload.py) with accelerate 1.15 dispatch_model, peft 0.21: what fails
+# when the method's modules run under accelerate's AlignDevicesHook with their weights on disk (on `meta`)
+_META = "peft's forward fails under accelerate's disk offload"
+OFFLOAD_FAILURES = {
+    "prompt_tuning": f"{_META} (the virtual-token embedding is offloaded: \"Cannot copy out of meta tensor\")",
+    "prefix_tuning": f"{_META} (the prefix embedding is offloaded: \"Cannot copy out of meta tensor\")",
+    "ia3": f"{_META} (\"Tensor on device meta is not on the expected device cpu\")",
+    "dora": f"{_META} (DoRA's weight norm copies the offloaded base weight: \"Cannot copy out of meta tensor\")",
+    "vera": f"{_META} (shared vera_A/vera_B: \"Tensor on device cpu is not on the expected device meta\")",
+    "loha": "the runner serves it but the trace fails (\"found at least two devices, cpu and meta\") and the "
+            "analytic estimate models lora only: nothing would estimate it",
+    "lokr": "the runner serves it but the trace fails (\"found at least two devices, cpu and meta\") and the "
+            "analytic estimate models lora only: nothing would estimate it",
+}
 
 
 def max_memory_bytes(text: str) -> int | None:
@@ -29,7 +43,7 @@ def max_memory_bytes(text: str) -> int | None:
 
     try:
         size = convert_file_size_to_int(text.strip())
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # "infKB": int(float("inf")) overflows
         return None
     return size if isinstance(size, int) and size > 0 else None
 
@@ -83,6 +97,10 @@ def check(c: Collector, cond: Collector, parts, model) -> None:
         if weights not in FLOAT_KINDS:
             c.add("inference", "max_memory", f"offloading {weights} quantized weights: accelerate cannot write "
                   "bitsandbytes/quanto layers to its disk offload", "float weights, or max_memory = \"\"")
+        failure = OFFLOAD_FAILURES.get("dora" if method == "lora" and peft.get("use_dora") else method)
+        if failure and not inf.get("merged", False):  # merge_and_unload leaves the bare base, which offloads
+            c.add("inference", "max_memory", f"offloading {'lora with use_dora' if method == 'lora' else method}: "
+                  f"{failure}", "method lora (use_dora = false), oft or full, or max_memory = \"\"")
     if model is not None and is_vision(model.config["model_type"]):
         c.add("inference", "enabled", f"serving is modelled for causal language models, not the image classifier "
               f"{model.config['model_type']}", "false")

@@ -160,3 +160,82 @@ def test_estimate_table_shows_disk_bytes(write_scenario):
     header, _, row = out.output.splitlines()[:3]
     assert header.split()[-2:] == ["disk", "KiB"]
     assert row.split()[-1] == f"{(2 * (LAYER + ADAPTER) + 2 * EMBED + NORM) / 1024:.2f}"  # 546.25: all on disk
+
+
+LORA_KEYS = 'method = "lora"\nr = 4\ntarget_modules = ["q_proj", "v_proj"]'
+
+
+@pytest.mark.parametrize("method, keys, failure", [
+    ("prompt_tuning", 'method = "prompt_tuning"\nnum_virtual_tokens = 4', "Cannot copy out of meta tensor"),
+    ("ia3", 'method = "ia3"\ntarget_modules = ["k_proj", "v_proj", "down_proj"]', "device meta"),
+    ("lora with use_dora", LORA_KEYS + "\nuse_dora = true", "Cannot copy out of meta tensor"),
+    ("vera", LORA_KEYS.replace('"lora"', '"vera"'), "device cpu"),
+    ("loha", LORA_KEYS.replace('"lora"', '"loha"'), "at least two devices"),
+])
+def test_methods_that_fail_under_offload_are_refused(write_scenario, method, keys, failure):
+    # measured: peft's forward of these under accelerate's hooks raises the quoted error (loha: the trace does;
+    # the runner serves it but no estimate would); the loader says so in one line, exit 2
+    from peftprof.cli import cli
+
+    path = write_scenario(TINY.replace(LORA_KEYS, keys).replace("CAP", "100KB"))
+    out = CliRunner().invoke(cli, ["validate", str(path)])
+    assert out.exit_code == 2, out.output
+    line = [ln for ln in out.output.splitlines() if "max_memory" in ln]
+    assert len(line) == 1 and f"offloading {method}:" in line[0] and failure in line[0], out.output
+    assert "Traceback" not in out.output
+    if method != "prompt_tuning":  # merged: merge_and_unload leaves the bare base, which offloads (measured: runs)
+        merged = write_scenario(path.read_text().replace("enabled = true", "enabled = true\nmerged = true"), "m.toml")
+        assert CliRunner().invoke(cli, ["validate", str(merged)]).exit_code == 0
+    # without offloading the same variant is accepted
+    path.write_text(path.read_text().replace('max_memory = "100KB"', 'max_memory = ""'))
+    assert CliRunner().invoke(cli, ["validate", str(path)]).exit_code == 0
+
+
+@pytest.mark.parametrize("cap", ["infKB", "-5KB", "lots"])
+def test_unreadable_caps_are_one_line_exit_2(write_scenario, cap):
+    from peftprof.cli import cli
+
+    path = write_scenario(TINY.replace("CAP", cap))
+    for cmd in ("validate", "estimate"):
+        out = CliRunner().invoke(cli, [cmd, str(path)])
+        assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+        assert f"max_memory: {cap!r} is not a size accelerate reads" in out.output
+
+
+def test_modules_to_save_and_padded_cap_trace_equals_runner(write_scenario):
+    # modules_to_save = ["lm_head"]: ModulesToSaveWrapper runs modules_to_save["default"], never original_module,
+    # so the request reads one lm_head copy per forward (the trace counted both: 2,749,440 against 2,237,440).
+    # The cap carries surrounding whitespace, which the loader accepts: the runner and the trace read it alike.
+    from peftprof.run.runner import run_variant
+    from peftprof.trace import trace_peak
+
+    path = write_scenario(TINY.replace(LORA_KEYS, LORA_KEYS + '\nmodules_to_save = ["lm_head"]')
+                          .replace("CAP", " 100KB "))
+    s = load_scenario(path)[0]
+    rec = run_variant(s, device="cpu")
+    assert rec["status"] == "ok", rec["error"]
+    traced = trace_peak(s)
+    m = rec["measured"]
+    # every parameter on disk, the saved lm_head copy (EMBED) too; read per forward: all but original_module
+    every = 2 * (LAYER + ADAPTER) + 3 * EMBED + NORM
+    assert m["placement_bytes"]["disk"] == traced["serving"]["placement_bytes"]["disk"] == every
+    assert traced["serving"]["disk_read_bytes_per_request"] == m["disk_read_bytes_per_request"] == 4 * (
+        every - EMBED)
+    assert traced["peak_bytes"] == m["peak_bytes"]
+
+
+def test_report_shows_disk_bytes_and_reads(offload_runs):
+    from peftprof.report import render_html
+    from peftprof.report_inference import serving_rows
+
+    _, rec, _, _ = offload_runs["none"]
+    every = 2 * (LAYER + ADAPTER) + 2 * EMBED + NORM
+    row = serving_rows([rec], "B", 1)[0]
+    assert row["disk meas. (B)"] == row["disk est. (B)"] == f"{every:,.3f}"
+    assert row["disk reads/token est. (B)"] == f"{every:,.3f}"
+    assert row["disk reads/request meas. (B)"] == row["disk reads/request est. (B)"] == f"{4 * every:,.3f}"
+    html = render_html([rec], "offload")
+    for col in ("disk est.", "disk meas.", "disk reads/token est.", "disk reads/request meas."):
+        assert col in html
+    _, rec_all, _, _ = offload_runs["all"]  # nothing on disk: the columns still say so (0), not absent
+    assert serving_rows([rec_all], "B", 1)[0]["disk est. (B)"] == "0.000"

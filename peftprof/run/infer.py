@@ -114,10 +114,11 @@ def offload(served: Served, s: Scenario, device: str) -> None:
     not fit go to disk), then dispatch_model with an offload folder (weights written as .dat memmaps, loaded into
     the device before each offloaded module runs: accelerate/hooks.py AlignDevicesHook)."""
     from accelerate import dispatch_model
-    from accelerate.utils import convert_file_size_to_int
+
+    from ..rules_inference import max_memory_bytes
 
     model = served.model
-    cap = convert_file_size_to_int(s.inference.max_memory)
+    cap = max_memory_bytes(s.inference.max_memory)  # the loader's parser (it strips surrounding whitespace)
     key = 0 if device == "cuda" else "cpu"
     device_map = offload_device_map(model, cap, key)
     served.offload_dir = tempfile.TemporaryDirectory(prefix="peftprof-offload-")
@@ -472,9 +473,9 @@ def trace_serving(s: Scenario, snapshot_path=None) -> dict:
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     offloaded = None
     if s.inference.max_memory:
-        from accelerate.utils import convert_file_size_to_int
+        from ..rules_inference import max_memory_bytes
 
-        device_map = offload_device_map(model, convert_file_size_to_int(s.inference.max_memory), "cpu")
+        device_map = offload_device_map(model, max_memory_bytes(s.inference.max_memory), "cpu")
         offload_facts = traced_offload_fields(s, model, device_map)
     _fake_in_place(model, fake_mode)
     if s.inference.max_memory:
@@ -573,7 +574,7 @@ def traced_offload_fields(s: Scenario, model, device_map: dict) -> dict:
             resident += size
             continue
         disk += size
-        read += size if not _is_adapter(name) or ".default." in name else 0  # peft's first adapter: "default"
+        read += size if _runs(name) else 0
     if s.model.arch.tied_embeddings:  # offload_state_dict writes the state dict, which names a tied weight twice:
         for name, t in model.named_parameters(remove_duplicate=False):  # lm_head's is a file of its own, read by it
             if name.endswith("lm_head.weight") and where(name) == "disk" and where(
@@ -582,6 +583,17 @@ def traced_offload_fields(s: Scenario, model, device_map: dict) -> dict:
                 disk += t.numel() * t.element_size()
     return offload_fields(s, {k: str(v) for k, v in device_map.items()}, device_bytes=resident, disk_bytes=disk,
                           read_bytes_per_forward=read)
+
+
+def _runs(name: str) -> bool:
+    """Whether a served forward reads this parameter: not an inactive adapter's (peft's first and active adapter
+    is "default"), nor the base copy or an inactive copy under a ModulesToSaveWrapper (peft/utils/other.py
+    ModulesToSaveWrapper.forward runs modules_to_save[active_adapter] only, never original_module)."""
+    if ".original_module." in name:
+        return False
+    if ".modules_to_save." in name:
+        return ".modules_to_save.default." in name
+    return not _is_adapter(name) or ".default." in name
 
 
 def serving_fields(s: Scenario) -> dict:
