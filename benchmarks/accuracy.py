@@ -303,6 +303,9 @@ def main() -> int:
     ap.add_argument("--start", type=int, default=0,
                     help="measure only the scenarios from this index on (80: the families of issue #14)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--rescore", action="store_true",
+                    help="keep the measurements of --out's accuracy.jsonl (same --n and --seed) and re-compute only "
+                         "the estimates: the runner's numbers do not depend on the estimator's code")
     ap.add_argument("--speed-only", action="store_true",
                     help="re-measure the speed and published sections of an existing accuracy.md, keep the rest")
     ap.add_argument("--overhead", choices=["cpu", "cuda"],
@@ -331,6 +334,12 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     started = time.perf_counter()
     rows, records = [], []
+    stored = {}
+    if args.rescore:
+        import json
+
+        with open(out_dir / "accuracy.jsonl") as f:
+            stored = {r["variant"]: r for r in (json.loads(line) for line in f if line.strip())}
     for i, (name, text) in enumerate(generate(args.n, args.seed)):
         if i < args.start:
             continue
@@ -340,6 +349,10 @@ def main() -> int:
         if args.no_run:
             measured = traced
             rec = None
+        elif args.rescore:
+            rec = stored[name]
+            rec["estimate"] = analytic
+            measured = rec["measured"] if rec["status"] == "ok" else None
         else:
             rec = run_variant(s, device="cpu")
             measured = rec["measured"] if rec["status"] == "ok" else None
@@ -367,7 +380,9 @@ def main() -> int:
     lines = [f"# Estimator accuracy ({datetime.now(timezone.utc):%Y-%m-%d})", "",
              f"`benchmarks/accuracy.py --n {args.n} --seed {args.seed}{' --no-run' if args.no_run else ''}"
              f"{f' --start {args.start}' if args.start else ''}`: "
-             f"{len(rows)} generated scenarios, {len(ok)} measured, in {elapsed / 60:.1f} min on "
+             f"{len(rows)} generated scenarios, {len(ok)} measured, "
+             + ("the measurements kept from accuracy.jsonl and the estimates re-computed (`--rescore`) "
+                if args.rescore else "") + f"in {elapsed / 60:.1f} min on "
              f"{__import__('os').cpu_count()} cores. torch {torch.__version__}, "
              f"transformers {transformers.__version__}, peft {peft.__version__}. Reference: {reference}.",
              "", "Error = (estimate - measured) / measured. Category errors are relative to the measured peak.", "",

@@ -1,5 +1,6 @@
-"""Accuracy of the estimators for the PEFT methods and options of issue #16 (DoRA, rsLoRA, several adapters,
-modules_to_save, LoHa, LoKr, VeRA, OFT) against CPU measurements of real training.
+"""Accuracy of the estimators for the PEFT methods and options of issue #16 (DoRA with and without checkpointing or
+autocast, rsLoRA, several adapters, modules_to_save, LoHa, LoKr, VeRA, OFT, X-LoRA) against CPU measurements of real
+training.
 
     .venv/bin/python benchmarks/accuracy_methods.py [--seed 0] [--no-run] [--no-published] [--out benchmarks/results]
 
@@ -38,8 +39,15 @@ CASES = {
     "lokr": ['method = "lokr"'],
     "vera": ['method = "vera"'],
     "oft": ['method = "oft"'],
+    "xlora": ['method = "xlora"\nnum_adapters = 2', 'method = "xlora"\nnum_adapters = 3\nxlora_depth = 2\nxlora_size = 64',
+              'method = "xlora"\nnum_adapters = 2\nlayerwise_scalings = true\ndropout = 0.1'],
 }
-FLOAT_ONLY = ("loha", "lokr", "vera", "oft", "modules_to_save")
+CASES["dora+checkpointing"] = ['use_dora = true', 'use_dora = true\ndropout = 0.1']
+CASES["dora+autocast"] = ['use_dora = true', 'use_dora = true\ndropout = 0.1']
+# case -> (section, its extra lines, one chosen per scenario)
+EXTRA = {"dora+checkpointing": ("training", ['gradient_checkpointing = "full"', 'gradient_checkpointing = "every_2"']),
+         "dora+autocast": ("precision", ['autocast = "bf16"', 'autocast = "fp16"'])}
+FLOAT_ONLY = ("loha", "lokr", "vera", "oft", "modules_to_save", "xlora", "dora+autocast")
 
 
 def _scenario(rng: random.Random, case: str, peft: str, index: int) -> tuple[str, str]:
@@ -53,12 +61,19 @@ def _scenario(rng: random.Random, case: str, peft: str, index: int) -> tuple[str
     targets = rng.choice(['["q_proj", "v_proj"]', '"all-linear"'])
     r = rng.choice([4, 8, 16]) if "oft" not in case else 4  # OFT: r blocks must divide every input width
     batch, seq = rng.choice([1, 2]), rng.choice([32, 64, 128])
+    extra = {"precision": "", "training": ""}
+    if case in EXTRA:
+        section, lines = EXTRA[case]
+        line = rng.choice(lines)
+        if line == 'autocast = "fp16"':
+            weights = "fp32"  # fp16 autocast (GradScaler) trains fp32 weights
+        extra[section] = line + "\n"
     name = f"m{index:02d}-{case}"
     text = (f'name = "{name}"\n[model]\nmodel_type = "llama"\nhidden_size = {hidden}\nnum_hidden_layers = {layers}\n'
             f'num_attention_heads = {heads}\nnum_key_value_heads = {kv}\nintermediate_size = {inter}\n'
-            f'vocab_size = {vocab}\n[precision]\nweights = "{weights}"\n[peft]\nr = {r}\n'
+            f'vocab_size = {vocab}\n[precision]\nweights = "{weights}"\n{extra["precision"]}[peft]\nr = {r}\n'
             f'target_modules = {targets}\n{peft}\n[training]\nbatch_size = {batch}\nseq_len = {seq}\n'
-            f'[run]\nsteps = 1\nwarmup_steps = 1\n')
+            f'{extra["training"]}[run]\nsteps = 1\nwarmup_steps = 1\n')
     return name, text
 
 
