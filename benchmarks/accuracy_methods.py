@@ -14,6 +14,7 @@ accuracy_methods.md under --out.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -145,6 +146,9 @@ def main() -> int:
     ap.add_argument("--no-run", action="store_true", help="compare with the trace only (no training)")
     ap.add_argument("--no-published", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--rescore", action="store_true",
+                    help="keep the measurements of --out's accuracy_methods_measured.json (same --seed, --per-case) "
+                         "and re-compute only the estimates")
     args = ap.parse_args()
     import warnings
 
@@ -162,6 +166,8 @@ def main() -> int:
     started = time.perf_counter()
     rows = []
     scenarios = generate(args.seed, args.per_case)
+    measured_path = Path(args.out) / "accuracy_methods_measured.json"
+    kept = json.loads(measured_path.read_text()) if args.rescore else {}
     for i, (case, name, text) in enumerate(scenarios):
         s = load(name, text, tmp)
         try:
@@ -173,7 +179,9 @@ def main() -> int:
         except UserError:  # DoRA on bitsandbytes weights: the trace refuses, the analytic estimate answers
             traced = None
         measured, status = traced, "traced"
-        if not args.no_run:
+        if args.rescore:
+            status, measured = kept[name]
+        elif not args.no_run:
             rec = run_variant(s, device="cpu")
             status = rec["status"]
             measured = rec["measured"]["peak_bytes"] if status == "ok" else None
@@ -187,13 +195,17 @@ def main() -> int:
         print(f"[{i + 1}/{len(scenarios)}] {name} ({s.precision.weights}): analytic {shown}, "
               f"trace {(row.get('trace_err') or 0) * 100:+.3f}%", file=sys.stderr)
     elapsed = time.perf_counter() - started
+    if not args.no_run and not args.rescore:  # the measurements, for --rescore
+        write_atomic(measured_path, json.dumps({r["name"]: [r["status"], r["measured"]] for r in rows}, indent=0))
     ok = [r for r in rows if r["measured"]]
     with_analytic = [r for r in ok if r.get("analytic_err") is not None]
     with_trace = [r for r in ok if r.get("trace_err") is not None]
     reference = "the trace" if args.no_run else "the CPU runner's tensor-level peak"
     lines = [f"# Estimator accuracy: PEFT methods and options ({datetime.now(timezone.utc):%Y-%m-%d})", "",
              f"`benchmarks/accuracy_methods.py --seed {args.seed} --per-case {args.per_case}"
-             f"{' --no-run' if args.no_run else ''}`: {len(rows)} generated scenarios, {len(ok)} measured, in "
+             f"{' --no-run' if args.no_run else ''}`: {len(rows)} generated scenarios, {len(ok)} measured, "
+             + ("the measurements kept from accuracy_methods_measured.json and the estimates re-computed "
+                "(`--rescore`) " if args.rescore else "") + "in "
              f"{elapsed / 60:.1f} min. torch {torch.__version__}, peft {peft.__version__}. Reference: {reference}. "
              "Error = (estimate - measured) / measured.", "",
              "| | n | median | p90 | max |", "|---|---:|---:|---:|---:|",
