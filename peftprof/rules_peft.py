@@ -61,6 +61,7 @@ def check(c: Collector, cond: Collector, parts: Parts, model) -> None:
     _check_combination(c, parts)
     if parts.peft.get("method") == "xlora":
         _check_xlora(c, cond, parts, model)
+    _check_library_failures(c, parts, model)
 
 
 def _check_methods(c: Collector, parts: Parts, model) -> None:
@@ -229,3 +230,68 @@ def _check_xlora(c: Collector, cond: Collector, parts: Parts, model) -> None:
         fam = family(a.model_type)
         if peft.get("target_modules") is None and fam.lora_targets is None:
             c.add("peft", "target_modules", f"peft has no default for {fam.name}", ", ".join(a.linear_names))
+
+
+# the projections whose outputs transformers rotates (rotate_half's torch.cat) in the rotary families
+ROTATED_PROJECTIONS = ("q_proj", "k_proj", "qkv_proj")
+
+
+def _targeted_leaves(parts: Parts, a) -> list[str]:
+    """Leaf names of the layer linears the variant's target_modules reach (as peft matches them)."""
+    from .settings import PeftSettings, matches_target
+
+    peft = parts.peft
+    try:
+        targets = PeftSettings(method="lora", target_modules=peft.get("target_modules")).targets(a)
+    except ValueError:  # no default targets: reported elsewhere
+        return []
+    leaves = [sp.path.rsplit(".", 1)[-1] for sp in a.layer_linears + a.model_linears
+              if any(matches_target(sp.path, t) for t in targets)]
+    return sorted(set(leaves))
+
+
+def _check_library_failures(c: Collector, parts: Parts, model) -> None:
+    """Variants that load but on which peft or torch raise during the real step (found by fuzzing `peftprof
+    run` and `estimate --method trace`, measured on CPU with peft 0.21.2, torch 2.13; tests/test_loader_crashes.py
+    reproduces each failure)."""
+    peft, prec = parts.peft, parts.prec
+    method = peft.get("method", "lora")
+    weights, autocast = prec.get("weights", "bf16"), prec.get("autocast", "none")
+    a = model.arch if model is not None else None
+    if a is not None and a.model_type == "gpt2" and method in ("loha", "lokr", "oft"):
+        # peft/tuners/lycoris_utils.py _create_new_module, peft/tuners/oft/model.py _create_new_module
+        c.add("peft", "method", f"{method} on gpt2 fails in peft 0.21.2: gpt2's attention and MLP layers are "
+              f"transformers Conv1D, which peft's {method} does not adapt (measured: TypeError 'Target module "
+              "... Conv1D ... not supported')", "lora, ia3, vera, xlora, prompt_tuning, prefix_tuning, full")
+    half = ("fp16", "bf16")
+    if (a is not None and method in ("loha", "lokr", "vera", "oft", "xlora") and weights in half
+            and autocast in half and weights != autocast and a.n_position_embeddings == 0):
+        rotated = [n for n in _targeted_leaves(parts, a) if n in ROTATED_PROJECTIONS]
+        if rotated:
+            # the adapted layer returns the base dtype; transformers' rotate_half concatenates it under autocast,
+            # whose cat refuses a half type other than its own (aten/src/ATen/autocast_mode.h prioritize)
+            c.add("precision", "autocast", f"{autocast} autocast of {weights} weights with {method} on "
+                  f"{', '.join(rotated)}: the adapted layers return {weights} queries/keys, which torch's autocast "
+                  f"refuses to concatenate in transformers' rotate_half (measured: RuntimeError 'Unexpected "
+                  "floating ScalarType in at::autocast::prioritize')",
+                  f"none | {weights}, or target_modules without {', '.join(rotated)}")
+    if weights == "fp16" and autocast == "fp16":
+        trained = [what for what, bad in (
+            ("modules_to_save", bool(peft.get("modules_to_save"))),
+            ("combination = \"cat\"", method == "lora" and peft.get("combination", "none") == "cat")) if bad]
+        if trained:
+            # torch/amp/grad_scaler.py _unscale_grads_; peft copies modules_to_save, and add_weighted_adapter's
+            # cat builds the combined adapter, in the base weights' dtype
+            c.add("precision", "autocast", f"fp16 autocast with {' and '.join(trained)} on fp16 weights: peft "
+                  "makes those trained parameters fp16, and fp16 autocast's GradScaler refuses to unscale their "
+                  "gradients (measured: ValueError 'Attempting to unscale FP16 gradients')",
+                  "none | bf16, or fp32 | bf16 weights")
+    if a is not None and a.model_type == "opt" and method == "xlora":
+        mlp = [n for n in _targeted_leaves(parts, a) if n in ("fc1", "fc2")]
+        if mlp:
+            # OPTDecoderLayer flattens the hidden states to (tokens, hidden) before fc1/fc2, while X-LoRA's
+            # gates are (batch, seq, layers, K) (peft/tuners/xlora/layer.py)
+            c.add("peft", "target_modules", f"X-LoRA on opt's {', '.join(mlp)} fails in peft 0.21.2: opt runs "
+                  "them on flattened (tokens, hidden) states, which X-LoRA's per-token gates (batch, seq) do not "
+                  "broadcast to (measured: a shape broadcast RuntimeError)",
+                  "q_proj, k_proj, v_proj, out_proj")

@@ -238,7 +238,8 @@ def _check_autocast(c: Collector, autocast: str, weights: str, method: str) -> N
     cannot unscale fp16 gradients (torch/amp/grad_scaler.py _unscale_grads_: "Attempting to unscale FP16
     gradients"), which full fine-tuning of fp16 weights makes; peft's virtual tokens are concatenated with
     the model's embeddings or keys/values, and autocast's cat (aten/src/ATen/autocast_mode.h prioritize)
-    refuses bf16 beside fp16 ("Unexpected floating ScalarType")."""
+    refuses bf16 beside fp16 ("Unexpected floating ScalarType"). The rules that need the model's targets
+    (adapters on rotated projections, fp16 modules_to_save) are in rules_peft.py _check_library_failures."""
     if autocast == "fp16" and weights == "fp16" and method == "full":
         c.add("precision", "autocast", "fp16 autocast scales the loss with torch.amp.GradScaler, which refuses "
               "to unscale the fp16 gradients of fully fine-tuned fp16 weights", "none | bf16")

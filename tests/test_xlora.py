@@ -147,7 +147,9 @@ def test_fp16_weights_under_fp16_autocast_are_refused(write_scenario):
         scenario(write_scenario, "num_adapters = 2", precision='weights = "fp16"\nautocast = "fp16"')
     assert len(e.value.lines()) == 1 and "[precision] autocast" in e.value.lines()[0]
     assert "Attempting to unscale FP16 gradients" in e.value.lines()[0]
-    scenario(write_scenario, "num_adapters = 2", precision='weights = "fp16"\nautocast = "bf16"')  # accepted
+    # accepted off the rotary q/k projections (on them mixed halves fail in rotate_half: test_loader_crashes.py)
+    scenario(write_scenario, 'num_adapters = 2\ntarget_modules = ["o_proj"]',
+             precision='weights = "fp16"\nautocast = "bf16"')
 
 
 def test_classifier_keys_apply_only_where_peft_reads_them(write_scenario):
