@@ -63,8 +63,8 @@ def test_checkpointing_keeps_layer_inputs(write_scenario):
 def test_model_level_and_mlp_backward_terms_by_hand(write_scenario, tiny):
     # tiny llama fp32, T = 256, h = 256, intermediate 688. LoRA on q,v: down_proj has no adapter and a frozen
     # fp32 base saves nothing, so its backward adds the input gradient 4*T*688 = 704,512; the act*up backward
-    # holds three of them
-    assert act.mlp_backward_moments(tiny) == [(0, 0, 704_512), (0, 0, 3 * 704_512)]
+    # holds three of them; both beside the residual stream's gradient 4*T*h = 262,144 (traced)
+    assert act.mlp_backward_moments(tiny) == [(0, 0, 704_512 + 262_144), (0, 0, 3 * 704_512 + 262_144)]
     # final RMSNorm: fp32 input 4*T*h = 262,144 + rsqrt 4*T = 1,024; full fine-tuning also saves weight*normed's
     # normed input (262,144)
     assert act.final_norm_saved_bytes(tiny) == 263_168
