@@ -41,12 +41,17 @@ def test_settled_collectives_hold_no_backend_references():
     try:
         settled_all_gather, settled_reduce_scatter = settled_comms()
         settled = late_references(settled_all_gather(), settled_reduce_scatter(), dist.group.WORLD, 0, 1)
-        default = late_references(DefaultAllGather(), DefaultReduceScatter(), dist.group.WORLD, 0, 1)
+        # FSDP2's own collectives show the race this fixes (if a torch release stops showing it, the workaround in
+        # run/distributed.py may go). The race is random: usually 10-30% of collectives, but a full suite on a
+        # loaded machine once saw none in 400 (CI), so up to 20 rounds are drawn before calling it gone
+        default = 0
+        for _ in range(20):
+            default += late_references(DefaultAllGather(), DefaultReduceScatter(), dist.group.WORLD, 0, 1)
+            if default:
+                break
     finally:
         dist.destroy_process_group()
     assert settled == 0
-    # FSDP2's own collectives show the race this fixes (if a torch release stops showing it, the workaround in
-    # run/distributed.py may go)
     assert default > 0
 
 

@@ -47,7 +47,8 @@ def test_trace_of_a_ten_million_layer_model_is_refused_with_the_analytic_answer(
                           + '[training]\nbatch_size = 1\nseq_len = 8\n')
     t0 = time.perf_counter()
     result = CliRunner().invoke(cli, ["estimate", str(path), "--method", "trace", "--format", "json", "--device", "cpu"])
-    assert time.perf_counter() - t0 < 60  # bounded: without the limit it builds 10M layers
+    # bounded: without the limit it builds 10M layers (hours); a loose bound, since a loaded 2-core machine took 64 s
+    assert time.perf_counter() - t0 < 300
     assert result.exit_code == 0, result.output
     (est,) = json.loads(result.stdout)
     assert est["estimate"]["method"] == "analytic"
