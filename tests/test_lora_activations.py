@@ -1,9 +1,9 @@
 """Plain LoRA on tiny llama models: the analytic activation terms (peftprof/estimate/activations.py) against the
 fake-tensor trace, which equals the CPU runner to the byte (README, Accuracy). Three fixed errors:
-1. checkpointed layers: the recomputed forward's own moment (recompute_forward_peak_bytes) and an fp32 stream's
+1. checkpointed layers: the recomputed forward's own moment (lora_layer.recompute_forward_peak_bytes) and an fp32 stream's
    first RMSNorm input being the checkpoint itself (was 0.8-5.7% low on bf16/nf4);
 2. no adapter on layer 0's q/k/v: its attention (and what follows up to the first adapter) saves nothing
-   (_first_layer_unsaved_lora_bytes; was up to +9% on fp32, +26% on nf4);
+   (lora_layer.first_layer_unsaved_bytes; was up to +9% on fp32, +26% on nf4);
 3. the residual stream's gradient beside the MLP's backward (mlp_backward_moments; was ~0.8% low).
 Found on the way: the final RMSNorm's fp32 backward (up to 3.9% low with a half stream, hidden by error 2 before)
 and bitsandbytes 4-bit's compute-dtype backward of a LoRA'd down_proj (was 1.4-1.9% high)."""
