@@ -31,3 +31,27 @@ def write_scenario(tmp_path):
         return path
 
     return write
+
+
+def trace_marking_xlora_classifier(monkeypatch, s):
+    """Trace `s` (an X-LoRA variant) and mark where its classifier is called in the tracked step, which ends
+    X-LoRA's no-grad scaling pass: (trace_peak's result, the step's tracker, the tracker's event count at each
+    classifier call)."""
+    from peft.tuners.xlora.classifier import XLoraClassifier
+
+    from peftprof.run import probe as probe_mod
+    from peftprof.trace import trace_peak
+
+    probes, marks = [], []
+    tracking, forward = probe_mod.CpuProbe.tracking, XLoraClassifier.forward
+    monkeypatch.setattr(probe_mod.CpuProbe, "tracking", lambda self, reg: (probes.append(self), tracking(self, reg))[1])
+
+    def marked(self, *args, **kwargs):
+        tracker = getattr(probes[-1], "tracker", None) if probes else None
+        if tracker is not None:
+            marks.append(len(tracker.events))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(XLoraClassifier, "forward", marked)
+    out = trace_peak(s)
+    return out, probes[-1].tracker, marks

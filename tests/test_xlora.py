@@ -185,26 +185,12 @@ def test_scaling_pass_ends_before_the_real_forward(write_scenario, monkeypatch):
     makes logits of its own, but its tensors die before the real forward saves anything: its highest moment stays
     below the step's peak (the start of backward). Traced on fake tensors; the tracked step's events are split at
     the classifier's call, which ends the scaling pass."""
-    from peft.tuners.xlora.classifier import XLoraClassifier
+    from conftest import trace_marking_xlora_classifier
 
-    from peftprof.run import probe as probe_mod
     from peftprof.timeline import _replay
-    from peftprof.trace import trace_peak
 
-    probes, marks = [], []
-    tracking, forward = probe_mod.CpuProbe.tracking, XLoraClassifier.forward
-    monkeypatch.setattr(probe_mod.CpuProbe, "tracking", lambda self, reg: (probes.append(self), tracking(self, reg))[1])
-
-    def marked(self, *args, **kwargs):
-        tracker = getattr(probes[-1], "tracker", None) if probes else None
-        if tracker is not None:
-            marks.append(len(tracker.events))
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(XLoraClassifier, "forward", marked)
     s = scenario(write_scenario, "num_adapters = 3\nxlora_depth = 2\nxlora_size = 64")
-    out = trace_peak(s)
-    tracker = probes[-1].tracker
+    out, tracker, marks = trace_marking_xlora_classifier(monkeypatch, s)
     totals, peak_i, phases = _replay(tracker)
     start = phases.index("forward")
     (mark,) = marks  # one scaling pass in the tracked step

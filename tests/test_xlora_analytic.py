@@ -82,27 +82,14 @@ def test_analytic_matches_the_trace(write_scenario, case):
 def test_scaling_pass_moment_against_the_trace(write_scenario, monkeypatch):
     """The scaling pass's highest moment (persistent state + `scaling_pass_moment`) against the trace's, split at
     the classifier's call as in tests/test_xlora.py: bf16, 3 layers, vocab 2000 (hidden states and logits)."""
-    from peft.tuners.xlora.classifier import XLoraClassifier
+    from conftest import trace_marking_xlora_classifier
 
     from peftprof.estimate import step_moments
-    from peftprof.run import probe as probe_mod
     from peftprof.timeline import _replay
-    from peftprof.trace import trace_peak
 
-    probes, marks = [], []
-    tracking, forward = probe_mod.CpuProbe.tracking, XLoraClassifier.forward
-    monkeypatch.setattr(probe_mod.CpuProbe, "tracking", lambda self, reg: (probes.append(self), tracking(self, reg))[1])
-
-    def marked(self, *args, **kwargs):
-        tracker = getattr(probes[-1], "tracker", None) if probes else None
-        if tracker is not None:
-            marks.append(len(tracker.events))
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(XLoraClassifier, "forward", marked)
     s = scenario(write_scenario, weights="bf16", layers=3, vocab=2000, peft="num_adapters = 2")
-    trace_peak(s)
-    totals, _, phases = _replay(probes[-1].tracker)
+    _, tracker, marks = trace_marking_xlora_classifier(monkeypatch, s)
+    totals, _, phases = _replay(tracker)
     traced = max(totals[phases.index("forward"):marks[-1]])
     persistent, _, _ = step_moments(s, device="cpu")
     ((_, moment),) = xm.scaling_pass_moment(s, 0)

@@ -336,15 +336,10 @@ def forward_moments(s: Scenario, device: str, grads_live: int) -> list[tuple[str
     # comes before the last moments, the ones that matter
     before -= act_mod.first_layer_unsaved_bytes(s, device)
     moments = []
-    keys = list(saves)
     for spec in a.layer_linears:
         if not _dora_targeted(s, spec):
             continue
-        mine = [k for k in keys if k.startswith(spec.path + ".")]
-        first = keys.index(mine[0]) if mine else len(keys)
-        # made before the weight norm: the base output and the adapter's input (its fp32 cast, dropout)
-        partial = sum(saves[k] for k in keys[:first]) + sum(
-            saves.get(f"{spec.path}.{k}", 0) for k in _MADE_BEFORE_THE_NORM)
+        partial = _saved_before_the_norm_bytes(saves, spec)
         live = _forward_stream_bytes(s, spec, T, stream) + _autocast_stream_bytes(s, spec, saves, T)
         moments.append(("forward", {"gradients": grads_live, "activations": before + partial, "logits": 0,
                                     "temporaries": live + dora_forward_transient_bytes(s, spec, T)}))
@@ -354,6 +349,16 @@ def forward_moments(s: Scenario, device: str, grads_live: int) -> list[tuple[str
 # an adapted linear's saved tensors made before DoRA's weight norm: the base output, the adapter input's fp32 cast
 # and dropout; under autocast also the base mm's weight cast and the cached casts of lora_A/lora_B (get_lora_weight)
 _MADE_BEFORE_THE_NORM = ("dora_base_out", "x_fp32", "dropout_out", "dropout_mask", "w_cast", "lora_casts")
+
+
+def _saved_before_the_norm_bytes(saves: dict[str, int], spec: LinearSpec) -> int:
+    """What one layer has saved when an adapted linear computes DoRA's weight norm: the saves of everything before
+    the linear (`saves` is in forward order) and the linear's own made before the norm (the base output and the
+    adapter's input: its fp32 cast, dropout, casts)."""
+    keys = list(saves)
+    mine = [k for k in keys if k.startswith(spec.path + ".")]
+    first = keys.index(mine[0]) if mine else len(keys)
+    return sum(saves[k] for k in keys[:first]) + sum(saves.get(f"{spec.path}.{k}", 0) for k in _MADE_BEFORE_THE_NORM)
 
 
 def _autocast_stream_bytes(s: Scenario, spec: LinearSpec, saves: dict[str, int], T: int) -> int:
@@ -416,7 +421,6 @@ def recompute_moments(s: Scenario, device: str, grads: int, grads_live: int) -> 
 
     T = act_mod.tokens_per_micro_batch(s)
     saves = act_mod.layer_saves(s, device)
-    keys = list(saves)
     per_layer = sum(saves.values())
     held = [act_mod.checkpoint_bytes_per_layer(s, device) if i % k == 0 else per_layer for i in range(n)]
     model_level = act_mod.model_activation_bytes(s, device) - act_mod.final_norm_saved_bytes(s) \
@@ -431,10 +435,7 @@ def recompute_moments(s: Scenario, device: str, grads: int, grads_live: int) -> 
     for spec in a.layer_linears:
         if not _dora_targeted(s, spec):
             continue
-        mine = [key for key in keys if key.startswith(spec.path + ".")]
-        first = keys.index(mine[0]) if mine else len(keys)
-        partial = sum(saves[key] for key in keys[:first]) + sum(
-            saves.get(f"{spec.path}.{key}", 0) for key in _MADE_BEFORE_THE_NORM)
+        partial = _saved_before_the_norm_bytes(saves, spec)
         # the rerun stops once the last saved tensor is recomputed (checkpoint.py _StopRecomputationError): after
         # down_proj's `mag_norm_scale * lora_result` (llama family: nothing saved after it), one product alive
         last = spec.path.endswith("down_proj") and a.n_norms_per_layer == 2
